@@ -1,0 +1,16 @@
+"""Balancing methods; importing this package registers every method."""
+from . import (  # noqa: F401  (imported for their @register side effect)
+    cagrad,
+    cograd,
+    dbmtl,
+    equal,
+    gradvac,
+    graddrop,
+    imtl_g,
+    mgda,
+    multibalance,
+    nashmtl,
+    pcgrad,
+    static,
+    uncertainty,
+)

@@ -1,0 +1,63 @@
+"""`gradvac`: Gradient Vaccine (Wang et al., ICLR 2021).
+
+For each task i, over the other tasks j in random order, with phi = cos(g̃_i, g_j) and the
+EMA target phî_ij: if phi < phî_ij,
+  g̃_i <- g̃_i + ||g̃_i|| (phî sqrt(1-phi²) - phi sqrt(1-phî²)) / (||g_j|| sqrt(1-phî²)) g_j;
+then phî_ij <- (1 - beta) phî_ij + beta phi (targets start at 0). combined = sum_i g̃_i.
+As in `pcgrad`, g̃_i = sum_k A_ik g_k and all dot products come from the reduced Gram, so the
+combined gradient is (1ᵀA) applied to the LOCAL gradients; ``stats()["weights"]`` = 1ᵀA.
+The paper applies this per parameter group; here the whole representation is one group.
+Options: beta=0.01, seed=0.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..base import GramBalancer
+from ..options import check_float, check_int
+from ..registry import register
+from .pcgrad import task_orders
+
+_EPS = 1e-12
+
+
+@register("gradvac")
+class GradVac(GramBalancer):
+    """GradVac as a Gram-derived mixing matrix; state: ``targets`` phî [M, M]."""
+
+    def __init__(
+        self,
+        num_tasks: int,
+        beta: float = 0.01,
+        seed: int = 0,
+        process_group: Optional[Any] = None,
+    ) -> None:
+        super().__init__(num_tasks, process_group)
+        self.beta = check_float("beta", beta, low=0.0, high=1.0)
+        self.register_buffer("seed", torch.tensor(check_int("seed", seed, low=0), dtype=torch.long))
+        self.register_buffer("targets", torch.zeros(num_tasks, num_tasks, dtype=torch.float64))
+        self.last_mixing: Optional[torch.Tensor] = None
+
+    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
+        k = gram.detach().to("cpu", torch.float64)
+        targets = self.targets.detach().to("cpu", torch.float64).clone()
+        m = self.num_tasks
+        mix = torch.eye(m, dtype=torch.float64)
+        for i, order in enumerate(task_orders(m, int(self.seed), int(self.step))):
+            for j in order:
+                n_i = float(mix[i] @ k @ mix[i]) ** 0.5
+                n_j = float(k[j, j]) ** 0.5
+                if n_i <= 0 or n_j <= 0:
+                    continue
+                phi = float(mix[i] @ k[:, j]) / (n_i * n_j)
+                target = float(targets[i, j])
+                if phi < target:
+                    root_t = max(1.0 - target * target, _EPS) ** 0.5
+                    root_p = max(1.0 - phi * phi, 0.0) ** 0.5
+                    mix[i, j] += n_i * (target * root_p - phi * root_t) / (n_j * root_t)
+                targets[i, j] = (1 - self.beta) * target + self.beta * phi
+        self.targets.copy_(targets.to(self.targets))
+        self.last_mixing = mix.to(gram.device)
+        return mix.sum(0).to(gram.device)

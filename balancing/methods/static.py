@@ -1,0 +1,31 @@
+"""`static`: fixed per-task weights, combined = sum_m w_m g_m."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..base import Balancer, apply_coefficients
+from ..options import check_per_task
+from ..registry import register
+
+
+@register("static")
+class Static(Balancer):
+    """Fixed weights (option ``weights``: M finite numbers >= 0; default all ones)."""
+
+    def __init__(
+        self,
+        num_tasks: int,
+        weights: Optional[Sequence[float]] = None,
+        process_group: Optional[Any] = None,
+    ) -> None:
+        super().__init__(num_tasks, process_group)
+        w = [1.0] * num_tasks if weights is None else check_per_task("weights", weights, num_tasks, low=0.0)
+        self.weights = torch.tensor(w, dtype=torch.float64)
+
+    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+        self._global_gram(grads)  # telemetry only
+        self._weights = self.weights.clone()
+        self._advance()
+        return apply_coefficients(self.weights, grads)

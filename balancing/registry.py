@@ -1,0 +1,56 @@
+"""Registry of balancing methods and the `make_balancer` factory."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Type, TypeVar
+
+from .base import Balancer
+
+_METHODS: Dict[str, Type[Balancer]] = {}
+B = TypeVar("B", bound=Type[Balancer])
+
+
+def register(name: str) -> Callable[[B], B]:
+    """Class decorator: make the balancer available as ``balance.method = name``."""
+
+    def deco(cls: B) -> B:
+        if name in _METHODS:
+            raise ValueError(f"balancing method {name!r} is registered twice")
+        cls.method_name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_methods() -> List[str]:
+    """Sorted names accepted by `make_balancer`."""
+    return sorted(_METHODS)
+
+
+def method_options(name: str) -> List[str]:
+    """Option names accepted by method ``name`` (keyword arguments of its constructor)."""
+    cls = _lookup(name)
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "num_tasks")]
+
+
+def _lookup(name: str) -> Type[Balancer]:
+    if name not in _METHODS:
+        raise ValueError(
+            f"balance.method={name!r} is not a known method; allowed: {', '.join(available_methods())}"
+        )
+    return _METHODS[name]
+
+
+def make_balancer(name: str, num_tasks: int, **options: Any) -> Balancer:
+    """Build the balancer ``name`` for ``num_tasks`` tasks; unknown names/options raise ValueError."""
+    cls = _lookup(name)
+    allowed = method_options(name)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(
+                f"balance option {key!r} is not valid for balance.method={name!r}; "
+                f"allowed options: {', '.join(allowed)}"
+            )
+    return cls(num_tasks, **options)

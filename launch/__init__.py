@@ -1,0 +1,1 @@
+"""recbalance: launch."""

@@ -1,0 +1,91 @@
+"""A multi-task ranking model: sparse + dense -> DCNv2 interaction -> shared task-side
+tensors -> balance point -> one head per task."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from balancing import Balancer, BalancePoint
+from models.arches import DenseArch, InteractionDCNArch, SparseArch
+from models.heads import MMoEHeads, SharedBottomHeads
+
+MODEL_KINDS = ("mmoe", "shared_bottom")
+
+
+@dataclass
+class RankerSpec:
+    """Architecture hyper-parameters (independent of any data set)."""
+
+    kind: str = "mmoe"
+    dense_layers: list[int] = field(default_factory=lambda: [64, 32])
+    cross_layers: int = 2
+    cross_rank: int = 16
+    shared_layers: list[int] = field(default_factory=lambda: [128, 64])
+    num_experts: int = 4
+    expert_layers: list[int] = field(default_factory=lambda: [64])
+    tower_layers: list[int] = field(default_factory=lambda: [32])
+
+
+class MultiTaskRanker(nn.Module):
+    """Everything upstream of `balance_point` is shared and receives only the balanced
+    gradient; each task's head reads only its own copy of the shared tensors."""
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        num_dense: int,
+        num_tasks: int,
+        spec: RankerSpec,
+        balancer: Balancer,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if spec.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind {spec.kind!r} is not allowed; allowed: {', '.join(MODEL_KINDS)}")
+        if num_tasks < 2:
+            raise ValueError(f"a multi-task model needs at least 2 tasks, got {num_tasks}")
+        self.num_tasks = num_tasks
+        self.sparse_arch = SparseArch(tables, device=device)
+        self.dense_arch = DenseArch(num_dense, spec.dense_layers)
+        self.interaction = InteractionDCNArch(
+            self.dense_arch.out_features + self.sparse_arch.out_features,
+            spec.cross_layers,
+            spec.cross_rank,
+            spec.shared_layers,
+        )
+        width = self.interaction.out_features
+        if spec.kind == "mmoe":
+            self.heads: MMoEHeads | SharedBottomHeads = MMoEHeads(
+                width, num_tasks, spec.num_experts, spec.expert_layers, spec.tower_layers
+            )
+        else:
+            self.heads = SharedBottomHeads(width, num_tasks, spec.tower_layers)
+        self.balance_point = BalancePoint(balancer)
+
+    @property
+    def balancer(self) -> Balancer:
+        return self.balance_point.balancer
+
+    def shared(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, ...]:
+        """The tensors all task modules read (for MMoE: expert outputs and gate input)."""
+        h = self.interaction(self.dense_arch(dense), self.sparse_arch(sparse))
+        return self.heads.shared(h)
+
+    def task_logits(self, shared_copies: tuple[tuple[torch.Tensor, ...], ...]) -> torch.Tensor:
+        return torch.stack([self.heads.task(m, shared_copies[m]) for m in range(self.num_tasks)])
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Logits [M, B]."""
+        return self.task_logits(self.balance_point(self.shared(dense, sparse)))
+
+    def shared_dense_parameters(self) -> Iterator[nn.Parameter]:
+        """Dense parameters upstream of the balance point (the 'parameter level')."""
+        yield from self.dense_arch.parameters()
+        yield from self.interaction.parameters()
+        if isinstance(self.heads, MMoEHeads):
+            yield from self.heads.experts.parameters()

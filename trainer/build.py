@@ -1,0 +1,46 @@
+"""Turn a data set's schema and the run config into the model to train."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from balancing import Balancer, make_balancer
+from models.ranker import MultiTaskRanker, RankerSpec
+from trainer.config import Config
+from trainer.data.schema import Schema
+
+
+def table_name(feature: str) -> str:
+    return f"t_{feature}"
+
+
+def embedding_tables(schema: Schema) -> list[EmbeddingBagConfig]:
+    """One table per sparse feature, sum-pooled (multi-hot lists pool into one vector)."""
+    return [
+        EmbeddingBagConfig(
+            name=table_name(f.name),
+            embedding_dim=f.embedding_dim,
+            num_embeddings=f.num_embeddings,
+            feature_names=[f.name],
+            pooling=PoolingType.SUM,
+        )
+        for f in schema.sparse
+    ]
+
+
+def build_balancer(cfg: Config, num_tasks: int) -> Balancer:
+    return make_balancer(cfg.balance.method, num_tasks, **cfg.balance.options)
+
+
+def build_model(cfg: Config, schema: Schema, device: torch.device | None = None) -> MultiTaskRanker:
+    spec = RankerSpec(**dataclasses.asdict(cfg.model))
+    return MultiTaskRanker(
+        tables=embedding_tables(schema),
+        num_dense=len(schema.dense),
+        num_tasks=len(schema.labels),
+        spec=spec,
+        balancer=build_balancer(cfg, len(schema.labels)),
+        device=device,
+    )

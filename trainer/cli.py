@@ -1,0 +1,65 @@
+"""`recbalance` command line: train, data."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError, load_config
+from trainer.data.cli import add_data_commands, run_data_command
+from trainer.data.errors import DataError
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a multi-task ranking model")
+    p.add_argument("--config", required=True, help="TOML run configuration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--output-dir", required=True, help="where summary.json and the run's files go")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="local ranks to start (ignored when already started by torchrun/torchx)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recbalance", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    add_data_commands(sub)
+    return parser
+
+
+def train(args: argparse.Namespace) -> int:
+    from trainer.preflight import preflight
+    from trainer.report import format_summary
+    from trainer.worker import run_worker, under_launcher
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node: {args.nproc_per_node} is not allowed; expected an integer >= 1")
+    if under_launcher():
+        summary = run_worker(cfg.to_dict(), args.output_dir)
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+    else:
+        preflight(cfg, world_size=args.nproc_per_node)
+        from trainer.launcher import launch_local
+
+        summary = launch_local(cfg.to_dict(), args.output_dir, args.nproc_per_node)
+    print(format_summary(summary, Path(args.output_dir)), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return train(args)
+        return run_data_command(args)
+    except (ConfigError, DataError) as err:
+        print(f"recbalance: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Process-group lifecycle and the gradient reduction rule that makes N ranks train like one
+process on the global batch."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """Join the job's process group: NCCL on GPU, gloo on CPU, same code path. Outside a
+    launcher (no RANK in the environment) this is a group of one, so the single-process
+    path is the distributed path with world size 1."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=collective_timeout())
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective may wait for a peer before the rank fails (instead of hanging):
+    RECBALANCE_COLLECTIVE_TIMEOUT_S, default 30 minutes."""
+    return timedelta(seconds=float(os.environ.get("RECBALANCE_COLLECTIVE_TIMEOUT_S", "1800")))
+
+
+def shutdown_distributed() -> None:
+    """Barrier first: tearing down while a peer is still in a collective aborts it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them at runtime
+    """DDP communication hook that SUMS gradients instead of averaging them.
+
+    Each rank's loss is already scaled as (local sum)/(global batch), so the sum over ranks
+    is the global-batch gradient, for the dense parameters here exactly as for the sharded
+    embeddings, whose gradients TorchRec sums across ranks in its all-to-all."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values

@@ -1,0 +1,188 @@
+"""The training service's core: one object owning the sharded model, optimizers, data
+stream and metrics, stepping with ONE backward per step and evaluating on all ranks."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.build import build_model
+from trainer.config import Config, ConfigError
+from trainer.data.batch import Batch
+from trainer.data.reader import ParquetReader
+from trainer.data.stream import TrainStream
+from trainer.data.schema import Schema
+from trainer.distributed import DistEnv, all_reduce_sum
+from trainer.metrics import TaskMetrics, Throughput, global_mean
+from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
+
+log = logging.getLogger("recbalance")
+
+
+def local_batch_size(global_batch: int, world_size: int, key: str) -> int:
+    if global_batch % world_size:
+        raise ConfigError(
+            f"config key '{key}': {global_batch} is not divisible by the world size {world_size}"
+        )
+    return global_batch // world_size
+
+
+def task_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-task mean BCE over the LOCAL batch slots [M]. Weight-0 rows (padding, skipped bad
+    rows) count in the denominator, so every rank's rows are rows of the global batch."""
+    bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+    return (bce * batch.weights).sum(dim=1) / logits.shape[1]
+
+
+@dataclass
+class StepResult:
+    losses: torch.Tensor  # [M] local mean losses
+
+
+class Trainer:
+    """Builds everything from the config on every rank and runs the train/eval loop."""
+
+    def __init__(self, cfg: Config, env: DistEnv, output_dir: Path) -> None:
+        self.cfg, self.env, self.output_dir = cfg, env, output_dir
+        root = Path(cfg.data.path)
+        self.schema = Schema.load(root / "schema.json")
+        self.tasks = list(self.schema.labels)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, self.schema)
+        self.model = shard_model(
+            model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
+        )
+        self.optimizer = make_optimizer(self.model, cfg.train.dense_lr)
+        self.local_batch = local_batch_size(cfg.data.global_batch_size, env.world_size, "data.global_batch_size")
+        self.eval_local_batch = local_batch_size(cfg.data.eval_batch_size, env.world_size, "data.eval_batch_size")
+        self.train_reader = self._reader("train", self.local_batch, shuffle=cfg.data.shuffle, drop_last=True)
+        self.stream = TrainStream(self.train_reader)
+        per_epoch = self.train_reader.batches_per_epoch
+        self.total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+        self.step = 0
+        self.examples_seen = 0
+        self.train_metrics = TaskMetrics(
+            self.tasks, env.rank, env.world_size, self.local_batch,
+            ne_window_examples=self.local_batch * max(1, cfg.train.log_every),
+        )
+        self.throughput = Throughput(self.local_batch, env.world_size, warmup_steps=min(20, self.total_steps // 10))
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def ranker(self) -> Any:
+        """The unwrapped model (sharded tables, no DDP wrapper)."""
+        return self.model.module
+
+    def _reader(self, split: str, batch: int, shuffle: bool, drop_last: bool) -> ParquetReader:
+        return ParquetReader(
+            Path(self.cfg.data.path), self.schema, split, batch, self.env.rank, self.env.world_size,
+            shuffle=shuffle, seed=self.cfg.train.seed, drop_last=drop_last, prefetch=self.cfg.data.prefetch,
+            id_policy=self.cfg.data.id_policy, bad_rows=self.cfg.data.bad_rows,
+        )
+
+    def train_step(self, batch: Batch) -> StepResult:
+        self.model.train()
+        logits = self.model(batch.dense, batch.sparse)
+        losses = task_losses(logits, batch)
+        objective = self.ranker.balancer.loss(losses) / self.env.world_size
+        self.optimizer.zero_grad()
+        objective.backward()
+        self.optimizer.step()
+        self.train_metrics.update(logits, batch.labels, batch.weights)
+        return StepResult(losses=losses.detach())
+
+    def fit(self) -> None:
+        started = time.perf_counter()
+        log_every = self.cfg.train.log_every
+        while self.step < self.total_steps:
+            batch = next(self.stream).to(self.env.device)
+            result = self.train_step(batch)
+            self.step += 1
+            self.examples_seen += self.cfg.data.global_batch_size
+            self.throughput.update()
+            if self.step % log_every == 0 or self.step == self.total_steps:
+                self._log_progress(result, started)
+            if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+                self.history.append({"step": self.step, "eval_valid": self.evaluate("valid")})
+        self.train_seconds = time.perf_counter() - started
+
+    def _log_progress(self, result: StepResult, started: float) -> None:
+        losses = global_mean(result.losses)
+        train = self.train_metrics.compute()
+        speed = self.throughput.compute()
+        elapsed = time.perf_counter() - started
+        eta = elapsed / self.step * (self.total_steps - self.step)
+        point = {
+            "step": self.step,
+            "qps": speed["qps_window"],
+            "elapsed_s": elapsed,
+            "tasks": {t: {"loss": float(losses[m]), "ne_window": train[t]["ne_window"]} for m, t in enumerate(self.tasks)},
+        }
+        stats = self.ranker.balancer.stats()
+        if stats.get("weights") is not None:
+            point["weights"] = [float(w) for w in stats["weights"]]
+        self.history.append(point)
+        if self.env.is_main:
+            ne = " ".join(f"{t}={train[t]['ne_window']:.4f}" for t in self.tasks)
+            qps = speed["qps_window"]
+            qps_text = f"{qps:,.0f}" if math.isfinite(qps) else "warming up"
+            print(
+                f"step {self.step}/{self.total_steps}  qps {qps_text}  NE[{ne}]  "
+                f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
+                flush=True,
+            )
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, dict[str, float]]:
+        reader = self._reader(split, self.eval_local_batch, shuffle=False, drop_last=False)
+        rows = reader.batches_per_epoch * self.cfg.data.eval_batch_size
+        metrics = TaskMetrics(
+            self.tasks, self.env.rank, self.env.world_size, self.eval_local_batch,
+            ne_window_examples=rows, auc_window_examples=rows,
+        )
+        self.model.eval()
+        for batch in reader.epoch(0):
+            batch = batch.to(self.env.device)
+            metrics.update(self.model(batch.dense, batch.sparse), batch.labels, batch.weights)
+        return metrics.compute()
+
+    def summary(self, evaluation: dict[str, dict[str, float]]) -> dict[str, Any]:
+        speed = self.throughput.compute()
+        stats = self.ranker.balancer.stats()
+        weights = stats.get("weights")
+        return {
+            "method": self.cfg.balance.method,
+            "level": self.cfg.balance.level,
+            "model": self.cfg.model.kind,
+            "world_size": self.env.world_size,
+            "global_batch_size": self.cfg.data.global_batch_size,
+            "steps": self.step,
+            "examples_seen": self.examples_seen,
+            "qps": speed["qps"],
+            "train_seconds": self.train_seconds,
+            "eval_split": self.cfg.data.eval_split,
+            "tasks": {
+                t: {k: evaluation[t][k] for k in ("ne", "auc", "loss")} for t in self.tasks
+            },
+            "weights": None if weights is None else dict(zip(self.tasks, (float(w) for w in weights))),
+            "sharding": sharding_plan_summary(self.model),
+            "skipped_rows": int(all_reduce_sum(torch.tensor([self.train_reader.skipped_rows]))[0]),
+        }
+
+    def run(self) -> dict[str, Any]:
+        self.fit()
+        evaluation = self.evaluate(self.cfg.data.eval_split)
+        summary = self.summary(evaluation)
+        if self.env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
+            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        return summary

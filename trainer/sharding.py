@@ -1,0 +1,121 @@
+"""Model parallelism: TorchRec's planner decides where each embedding table lives, DMP
+shards the tables and wraps the dense part in data parallelism, and the embedding
+optimizer is fused into the backward kernels."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed import comm_ops
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from trainer.distributed import DistEnv, sum_allreduce_hook
+
+SHARDING_TYPES = {
+    "table_wise": [ShardingType.TABLE_WISE.value],
+    "row_wise": [ShardingType.ROW_WISE.value],
+    "column_wise": [ShardingType.COLUMN_WISE.value],
+    # The planner chooses among the model-parallel layouts; data-parallel tables are
+    # excluded because they would bypass the fused optimizer.
+    "auto": [
+        ShardingType.TABLE_WISE.value,
+        ShardingType.ROW_WISE.value,
+        ShardingType.COLUMN_WISE.value,
+        ShardingType.TABLE_ROW_WISE.value,
+    ],
+}
+
+class EmbeddingBagSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's sharder, with row-wise layouts also offered on CPU: TorchRec 1.8 lists
+    them for CUDA only, though the fused CPU kernels and gloo run them."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        extra = [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
+        return types + [t for t in extra if t not in types]
+
+
+SHARDERS = [EmbeddingBagSharder()]
+
+EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+}
+
+
+def embedding_tables(model: nn.Module) -> list[Any]:
+    return [
+        table
+        for module in model.modules()
+        if hasattr(module, "embedding_bag_configs")
+        for table in module.embedding_bag_configs()
+    ]
+
+
+def shard_model(
+    model: nn.Module,
+    env: DistEnv,
+    sharding: str,
+    embedding_optimizer: str,
+    embedding_lr: float,
+) -> DistributedModelParallel:
+    """Fuse the embedding optimizer, plan the sharding over all ranks and wrap in DMP.
+
+    Gradients are SUMMED over ranks, sparse and dense alike: TorchRec's division of the
+    embedding gradients by the world size is switched off and DDP sums through
+    sum_allreduce_hook. With each rank's loss scaled by 1/world_size (see Trainer), every
+    gradient is that of the mean loss over the global batch, and each rank's gradient at
+    the balance point holds exactly its rows of the global-batch gradient."""
+    comm_ops.set_gradient_division(False)
+    embedding_params = [p for m in model.modules() if hasattr(m, "embedding_bag_configs") for p in m.parameters()]
+    apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[embedding_optimizer], embedding_params, {"lr": embedding_lr})
+    constraints = {
+        table.name: ParameterConstraints(sharding_types=SHARDING_TYPES[sharding], compute_kernels=["fused"])
+        for table in embedding_tables(model)
+    }
+    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    plan = planner.collective_plan(model, SHARDERS, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=SHARDERS)
+    ddp = dmp._dmp_wrapped_module
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        ddp.register_comm_hook(None, sum_allreduce_hook)
+    return dmp
+
+
+def sharding_plan_summary(dmp: DistributedModelParallel) -> dict[str, dict[str, Any]]:
+    """Table name -> sharding type and owning ranks, as the planner decided."""
+    summary: dict[str, dict[str, Any]] = {}
+    for module_plan in dmp.plan.plan.values():
+        for table, spec in module_plan.items():
+            ranks = sorted({r for r in (spec.ranks or [])})
+            summary[table] = {"sharding_type": spec.sharding_type, "ranks": ranks}
+    return summary
+
+
+def make_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
+    """Adam for everything dense; the fused embedding optimizer already runs in backward."""
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense_opt = KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=dense_lr))
+    return CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+
+
+def copy_full_embeddings(dmp: DistributedModelParallel, full_state: dict[str, torch.Tensor]) -> None:
+    """Write full (unsharded) embedding weights into this rank's shards, whatever the
+    layout, so differently sharded runs can start from identical parameters."""
+    for key, value in dmp.state_dict().items():
+        shards: Iterable[Any] = value.local_shards() if hasattr(value, "local_shards") else []
+        for shard in shards:
+            (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            with torch.no_grad():
+                shard.tensor.copy_(full_state[key][r0 : r0 + rows, c0 : c0 + cols])

@@ -1,0 +1,40 @@
+"""What every rank runs: join the process group, train, evaluate, write the run's files."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import config_from_dict
+from trainer.distributed import init_distributed, shutdown_distributed
+
+
+def quiet_libraries() -> None:
+    """TorchRec's planner and DDP warn about things that are expected on CPU; keep the
+    user's console for progress lines."""
+    warnings.filterwarnings("ignore")
+    for name in ("torchrec", "root", "torch.distributed", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    quiet_libraries()
+    cfg = config_from_dict(config)
+    torch.set_num_threads(cfg.train.threads_per_rank)
+    env = init_distributed()
+    from trainer.loop import Trainer
+
+    # No try/finally: after an error a peer may sit in a collective forever, so the shutdown
+    # barrier would hang; raising ends this process and the launcher stops the others.
+    summary = Trainer(cfg, env, Path(output_dir)).run()
+    shutdown_distributed()
+    return summary
+
+
+def under_launcher() -> bool:
+    """True when torchrun / torchx already started this process as one rank of a job."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
