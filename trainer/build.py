@@ -30,17 +30,23 @@ def embedding_tables(schema: Schema) -> list[EmbeddingBagConfig]:
     ]
 
 
-def build_balancer(cfg: Config, num_tasks: int) -> Balancer:
-    return make_balancer(cfg.balance.method, num_tasks, **cfg.balance.options)
+def build_balancer(cfg: Config, num_tasks: int, process_group: object | None = None) -> Balancer:
+    options = dict(cfg.balance.options)
+    if process_group is not None:
+        options["process_group"] = process_group
+    return make_balancer(cfg.balance.method, num_tasks, **options)
 
 
-def build_model(cfg: Config, schema: Schema, device: torch.device | None = None) -> MultiTaskRanker:
+def build_model(
+    cfg: Config, schema: Schema, device: torch.device | None = None, point_balancer: Balancer | None = None
+) -> MultiTaskRanker:
+    """The model with the configured balancer at its balance point (or `point_balancer`)."""
     spec = RankerSpec(**dataclasses.asdict(cfg.model))
     return MultiTaskRanker(
         tables=embedding_tables(schema),
         num_dense=len(schema.dense),
         num_tasks=len(schema.labels),
         spec=spec,
-        balancer=build_balancer(cfg, len(schema.labels)),
+        balancer=point_balancer or build_balancer(cfg, len(schema.labels)),
         device=device,
     )

@@ -13,14 +13,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.build import build_model
+from balancing import Balancer, make_balancer
+from trainer.build import build_balancer, build_model
 from trainer.config import Config, ConfigError
 from trainer.data.batch import Batch
 from trainer.data.reader import ParquetReader
 from trainer.data.stream import TrainStream
 from trainer.data.schema import Schema
 from trainer.distributed import DistEnv, all_reduce_sum
+from trainer.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
 from trainer.metrics import TaskMetrics, Throughput, global_mean
+from trainer.param_level import ParameterLevelBalancing, own_rank_group
+from trainer.progress import ConsoleProgress
 from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
 
 log = logging.getLogger("recbalance")
@@ -44,18 +48,41 @@ def task_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 @dataclass
 class StepResult:
     losses: torch.Tensor  # [M] local mean losses
+    balance_seconds: float
+
+
+class HistorySink(NullSink):
+    """Progress points and evaluations, kept for history.json and the end-of-run plots."""
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, Any]] = []
+
+    def on_progress(self, progress: Progress) -> None:
+        self.points.append(progress.to_dict())
+
+    def on_eval(self, evaluation: Evaluation) -> None:
+        self.points.append({"step": evaluation.step, f"eval_{evaluation.split}": evaluation.tasks})
 
 
 class Trainer:
     """Builds everything from the config on every rank and runs the train/eval loop."""
 
-    def __init__(self, cfg: Config, env: DistEnv, output_dir: Path) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, output_dir: Path, sinks: list[MetricsSink] | None = None) -> None:
         self.cfg, self.env, self.output_dir = cfg, env, output_dir
         root = Path(cfg.data.path)
         self.schema = Schema.load(root / "schema.json")
         self.tasks = list(self.schema.labels)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, self.schema)
+        self.param_level: ParameterLevelBalancing | None = None
+        if cfg.balance.level == "parameters":
+            # The model's balance point passes the plain sum; the configured balancer acts
+            # on the shared parameters' gradients instead.
+            model = build_model(cfg, self.schema, point_balancer=make_balancer("equal", len(self.tasks)))
+            balancer = build_balancer(cfg, len(self.tasks), process_group=own_rank_group())
+            self.param_level = ParameterLevelBalancing(model.shared_dense_parameters(), balancer)
+            model.add_module("parameter_balancer", balancer)  # checkpointed with the model
+        else:
+            model = build_model(cfg, self.schema)
         self.model = shard_model(
             model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
         )
@@ -68,17 +95,24 @@ class Trainer:
         self.total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
         self.step = 0
         self.examples_seen = 0
+        self.train_seconds = 0.0
         self.train_metrics = TaskMetrics(
             self.tasks, env.rank, env.world_size, self.local_batch,
             ne_window_examples=self.local_batch * max(1, cfg.train.log_every),
         )
         self.throughput = Throughput(self.local_batch, env.world_size, warmup_steps=min(20, self.total_steps // 10))
-        self.history: list[dict[str, Any]] = []
+        self.history = HistorySink()
+        self.sinks: list[MetricsSink] = [ConsoleProgress(env.is_main), self.history, *(sinks or [])]
 
     @property
     def ranker(self) -> Any:
         """The unwrapped model (sharded tables, no DDP wrapper)."""
         return self.model.module
+
+    @property
+    def balancer(self) -> Balancer:
+        """The configured balancer, whichever level it acts at."""
+        return self.param_level.balancer if self.param_level else self.ranker.balancer
 
     def _reader(self, split: str, batch: int, shuffle: bool, drop_last: bool) -> ParquetReader:
         return ParquetReader(
@@ -88,56 +122,82 @@ class Trainer:
         )
 
     def train_step(self, batch: Batch) -> StepResult:
+        """Forward, ONE ordinary backward (the balance point combines the task gradients in
+        it), fused sparse + dense optimizer step."""
         self.model.train()
         logits = self.model(batch.dense, batch.sparse)
         losses = task_losses(logits, batch)
-        objective = self.ranker.balancer.loss(losses) / self.env.world_size
+        objective = self.balancer.loss(losses) / self.env.world_size
         self.optimizer.zero_grad()
+        per_task = None
+        started = time.perf_counter()
+        if self.param_level is not None:
+            per_task = self.param_level.per_task_gradients(losses, objective)
+        param_seconds = time.perf_counter() - started
         objective.backward()
+        if per_task is not None:
+            started = time.perf_counter()
+            self.param_level.apply(per_task)
+            param_seconds += time.perf_counter() - started
         self.optimizer.step()
         self.train_metrics.update(logits, batch.labels, batch.weights)
-        return StepResult(losses=losses.detach())
+        balance_seconds = param_seconds if self.param_level else self.ranker.balance_point.last_balance_seconds
+        return StepResult(losses=losses.detach(), balance_seconds=balance_seconds)
 
     def fit(self) -> None:
         started = time.perf_counter()
         log_every = self.cfg.train.log_every
         while self.step < self.total_steps:
+            step_started = time.perf_counter()
             batch = next(self.stream).to(self.env.device)
+            data_wait = time.perf_counter() - step_started
             result = self.train_step(batch)
             self.step += 1
             self.examples_seen += self.cfg.data.global_batch_size
             self.throughput.update()
+            record = StepRecord(
+                step=self.step, step_seconds=time.perf_counter() - step_started, data_wait_seconds=data_wait,
+                balance_seconds=result.balance_seconds, examples=self.cfg.data.global_batch_size,
+            )
+            for sink in self.sinks:
+                sink.on_step(record)
             if self.step % log_every == 0 or self.step == self.total_steps:
-                self._log_progress(result, started)
+                self._report_progress(result, started)
             if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
-                self.history.append({"step": self.step, "eval_valid": self.evaluate("valid")})
+                self._report_eval(self.evaluate("valid"), "valid")
         self.train_seconds = time.perf_counter() - started
 
-    def _log_progress(self, result: StepResult, started: float) -> None:
+    def _report_progress(self, result: StepResult, started: float) -> None:
+        """Collective (metrics all-reduce): every rank calls it at the same steps."""
         losses = global_mean(result.losses)
         train = self.train_metrics.compute()
         speed = self.throughput.compute()
         elapsed = time.perf_counter() - started
-        eta = elapsed / self.step * (self.total_steps - self.step)
-        point = {
-            "step": self.step,
-            "qps": speed["qps_window"],
-            "elapsed_s": elapsed,
-            "tasks": {t: {"loss": float(losses[m]), "ne_window": train[t]["ne_window"]} for m, t in enumerate(self.tasks)},
-        }
-        stats = self.ranker.balancer.stats()
-        if stats.get("weights") is not None:
-            point["weights"] = [float(w) for w in stats["weights"]]
-        self.history.append(point)
-        if self.env.is_main:
-            ne = " ".join(f"{t}={train[t]['ne_window']:.4f}" for t in self.tasks)
-            qps = speed["qps_window"]
-            qps_text = f"{qps:,.0f}" if math.isfinite(qps) else "warming up"
-            print(
-                f"step {self.step}/{self.total_steps}  qps {qps_text}  NE[{ne}]  "
-                f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
-                flush=True,
-            )
+        stats = self.balancer.stats()
+        weights = stats.get("weights")
+        progress = Progress(
+            step=self.step,
+            total_steps=self.total_steps,
+            elapsed_seconds=elapsed,
+            eta_seconds=elapsed / self.step * (self.total_steps - self.step),
+            qps=speed["qps_window"],
+            qps_lifetime=speed["qps"],
+            examples_total=self.examples_seen,
+            tasks={
+                t: TaskProgress(loss=float(losses[m]), ne_window=train[t]["ne_window"], ne_lifetime=train[t]["ne"])
+                for m, t in enumerate(self.tasks)
+            },
+            weights=None if weights is None else [float(w) for w in weights],
+            grad_norms=[float(x) for x in stats["grad_norms"]],
+            cosines=[[float(x) for x in row] for row in stats["cosines"]],
+        )
+        for sink in self.sinks:
+            sink.on_progress(progress)
+
+    def _report_eval(self, results: dict[str, dict[str, float]], split: str) -> None:
+        evaluation = Evaluation(step=self.step, split=split, tasks=results)
+        for sink in self.sinks:
+            sink.on_eval(evaluation)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, dict[str, float]]:
@@ -155,7 +215,7 @@ class Trainer:
 
     def summary(self, evaluation: dict[str, dict[str, float]]) -> dict[str, Any]:
         speed = self.throughput.compute()
-        stats = self.ranker.balancer.stats()
+        stats = self.balancer.stats()
         weights = stats.get("weights")
         return {
             "method": self.cfg.balance.method,
@@ -177,12 +237,18 @@ class Trainer:
         }
 
     def run(self) -> dict[str, Any]:
-        self.fit()
-        evaluation = self.evaluate(self.cfg.data.eval_split)
-        summary = self.summary(evaluation)
-        if self.env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
-            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        return summary
+        summary = None
+        try:
+            self.fit()
+            evaluation = self.evaluate(self.cfg.data.eval_split)
+            self._report_eval(evaluation, self.cfg.data.eval_split)
+            summary = self.summary(evaluation)
+            if self.env.is_main:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                (self.output_dir / "history.json").write_text(json.dumps(self.history.points, indent=1) + "\n")
+                (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            return summary
+        finally:
+            for sink in self.sinks:
+                sink.close(summary)
