@@ -18,17 +18,18 @@ from trainer.loop import task_losses
 STEPS = 4
 
 
-def tiny_config(data: Path, sharding: str, kind: str) -> dict:
+def tiny_config(data: Path, sharding: str, kind: str, method: str = "equal") -> dict:
     return {
         "data": {"path": str(data), "global_batch_size": 64, "eval_batch_size": 64, "shuffle": False, "prefetch": 1},
         "model": {"kind": kind, "dense_layers": [8], "cross_layers": 1, "cross_rank": 4,
                   "shared_layers": [16], "num_experts": 2, "expert_layers": [8], "tower_layers": [4]},
         "sharding": {"type": sharding},
         "train": {"steps": STEPS, "seed": 3, "embedding_optimizer": "sgd", "embedding_lr": 0.5, "dense_lr": 0.01},
+        "balance": {"method": method},
     }
 
 
-def sharded_losses(config: dict) -> list[list[float]]:
+def sharded_losses(config: dict) -> tuple[list[list[float]], list[list[float]]]:
     """One rank of the sharded run (the real Trainer), starting from the seed's full tables."""
     from trainer.distributed import init_distributed, shutdown_distributed
     from trainer.loop import Trainer
@@ -42,15 +43,21 @@ def sharded_losses(config: dict) -> list[list[float]]:
     torch.manual_seed(cfg.train.seed)
     full = build_model(cfg, trainer.schema).state_dict()
     copy_full_embeddings(trainer.model, full)
-    losses = []
+    losses, weights = [], []
     for _ in range(STEPS):
         result = trainer.train_step(next(trainer.stream))
         losses.append(global_mean(result.losses).tolist())
+        weights.append(_weights(trainer.balancer))
     shutdown_distributed()
-    return losses
+    return losses, weights
 
 
-def reference_losses(config: dict) -> list[list[float]]:
+def _weights(balancer) -> list[float]:
+    w = balancer.stats()["weights"]
+    return [] if w is None else w.tolist()
+
+
+def reference_losses(config: dict) -> tuple[list[list[float]], list[list[float]]]:
     """Unsharded, one process, global batch = rank 0's batch + rank 1's batch."""
     cfg = config_from_dict(config)
     schema = Schema.load(Path(cfg.data.path) / "schema.json")
@@ -64,7 +71,7 @@ def reference_losses(config: dict) -> list[list[float]]:
         for rank in (0, 1)
     ]
     streams = [r.epoch(0) for r in readers]
-    losses = []
+    losses, weights = [], []
     for _ in range(STEPS):
         parts = [next(s) for s in streams]
         dense_x = torch.cat([p.dense for p in parts])
@@ -76,11 +83,12 @@ def reference_losses(config: dict) -> list[list[float]]:
         step_losses = task_losses(logits, batch)
         for opt in opts:
             opt.zero_grad()
-        step_losses.sum().backward()
+        model.balancer.loss(step_losses).backward()
         for opt in opts:
             opt.step()
         losses.append(step_losses.tolist())
-    return losses
+        weights.append(_weights(model.balancer))
+    return losses, weights
 
 
 def _concat_kjt(kjts):
@@ -97,13 +105,24 @@ def _concat_kjt(kjts):
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
-@pytest.mark.parametrize("sharding, kind", [("table_wise", "mmoe"), ("row_wise", "shared_bottom")])
-def test_two_rank_sharded_matches_one_process(tiny_dataset, sharding, kind):
-    config = tiny_config(tiny_dataset, sharding, kind)
-    expected = reference_losses(config)
+@pytest.mark.parametrize(
+    "sharding, kind, method",
+    [
+        ("table_wise", "mmoe", "equal"),
+        ("row_wise", "shared_bottom", "equal"),
+        ("column_wise", "mmoe", "multibalance"),
+        ("table_wise", "shared_bottom", "cograd"),
+    ],
+)
+def test_two_rank_sharded_matches_one_process(tiny_dataset, sharding, kind, method):
+    """Losses and the balancer's weights, step by step, on 2 sharded ranks vs one process."""
+    config = tiny_config(tiny_dataset, sharding, kind, method)
+    expected_losses, expected_weights = reference_losses(config)
     got = run_ranks(sharded_losses, 2, config)
-    assert got[0] == got[1]
+    assert got[0] == got[1]  # both ranks report identical global losses and weights
+    losses, weights = got[0]
     # Float tolerance only: summation order differs between the sharded kernels and one process.
-    assert torch.allclose(torch.tensor(got[0]), torch.tensor(expected), rtol=1e-5, atol=1e-6), (got[0], expected)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.tensor(weights), torch.tensor(expected_weights), rtol=1e-4, atol=1e-6)
     # the losses move as the model trains, so the comparison covers the updates too
-    assert expected[0] != expected[-1]
+    assert expected_losses[0] != expected_losses[-1]
