@@ -21,6 +21,7 @@ from trainer.data.reader import ParquetReader
 from trainer.data.stream import TrainStream
 from trainer.data.schema import Schema
 from trainer.distributed import DistEnv, all_reduce_sum
+from trainer.gauc import UserGAUC
 from trainer.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
 from trainer.metrics import TaskMetrics, Throughput, global_mean
 from trainer.param_level import ParameterLevelBalancing, own_rank_group
@@ -201,17 +202,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, dict[str, float]]:
+        """NE, AUC and loss per task (and GAUC by user when the schema names a user id) over
+        every row of `split`, all ranks together."""
         reader = self._reader(split, self.eval_local_batch, shuffle=False, drop_last=False)
         rows = reader.batches_per_epoch * self.cfg.data.eval_batch_size
         metrics = TaskMetrics(
             self.tasks, self.env.rank, self.env.world_size, self.eval_local_batch,
             ne_window_examples=rows, auc_window_examples=rows,
         )
+        gauc = UserGAUC(self.tasks, self.env.rank, self.env.world_size) if self.schema.user_id else None
         self.model.eval()
         for batch in reader.epoch(0):
             batch = batch.to(self.env.device)
-            metrics.update(self.model(batch.dense, batch.sparse), batch.labels, batch.weights)
-        return metrics.compute()
+            logits = self.model(batch.dense, batch.sparse)
+            metrics.update(logits, batch.labels, batch.weights)
+            if gauc is not None:
+                gauc.update(batch.user_ids, torch.sigmoid(logits), batch.labels, batch.weights)
+        results = metrics.compute()
+        if gauc is not None:
+            for task, value in gauc.compute().items():
+                results[task]["gauc"] = value
+        return results
 
     def summary(self, evaluation: dict[str, dict[str, float]]) -> dict[str, Any]:
         speed = self.throughput.compute()
@@ -229,7 +240,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "eval_split": self.cfg.data.eval_split,
             "tasks": {
-                t: {k: evaluation[t][k] for k in ("ne", "auc", "loss")} for t in self.tasks
+                t: {k: v for k, v in evaluation[t].items() if k in ("ne", "auc", "loss", "gauc")} for t in self.tasks
             },
             "weights": None if weights is None else dict(zip(self.tasks, (float(w) for w in weights))),
             "sharding": sharding_plan_summary(self.model),

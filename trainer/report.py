@@ -8,14 +8,16 @@ from typing import Any
 def format_summary(summary: dict[str, Any], output_dir: Path) -> str:
     tasks = summary["tasks"]
     width = max(len("task"), *(len(t) for t in tasks))
+    columns = [c for c in ("ne", "auc", "gauc", "loss") if all(c in m for m in tasks.values())]
+    header = "  ".join(f"{c.upper() if c != 'loss' else c:>8}" for c in columns)
     lines = [
         f"recbalance: {summary['model']} / {summary['method']} on {summary['world_size']} rank(s), "
         f"{summary['steps']} steps at global batch {summary['global_batch_size']}",
         "",
-        f"{'task':<{width}}  {'NE':>8}  {'AUC':>8}  {'loss':>8}   ({summary['eval_split']} split)",
+        f"{'task':<{width}}  {header}   ({summary['eval_split']} split)",
     ]
     for task, m in tasks.items():
-        lines.append(f"{task:<{width}}  {m['ne']:>8.4f}  {m['auc']:>8.4f}  {m['loss']:>8.4f}")
+        lines.append(f"{task:<{width}}  " + "  ".join(f"{m[c]:>8.4f}" for c in columns))
     if summary.get("weights"):
         lines += ["", "final task weights: " + ", ".join(f"{t}={w:.3f}" for t, w in summary["weights"].items())]
     lines += [
