@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.bench.cli import add_bench_commands, run_bench_command
 from trainer.config import ConfigError, load_config
 from trainer.data.cli import add_data_commands, run_data_command
 from trainer.data.errors import DataError
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     add_data_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train(args)
+        if args.command == "bench":
+            return run_bench_command(args)
         return run_data_command(args)
     except (ConfigError, DataError) as err:
         print(f"recbalance: error: {err}", file=sys.stderr)

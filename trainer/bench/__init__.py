@@ -1,0 +1,1 @@
+"""Benchmarks: the QPS price of balancing, and the regression gate."""

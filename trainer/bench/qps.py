@@ -1,0 +1,149 @@
+"""QPS of balancing methods side by side in ONE process: every variant (method x level)
+gets its own model, and the variants take turns in interleaved rounds so that the
+machine's drift hits all of them alike. Medians over the measured steps, warm-up rounds
+excluded; only the training step is timed (data loading is not)."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import Config, config_from_dict
+from trainer.distributed import init_distributed, shutdown_distributed
+from trainer.loop import Trainer
+
+
+@dataclass
+class Variant:
+    method: str
+    level: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}@{self.level}"
+
+
+@dataclass
+class QpsRow:
+    method: str
+    level: str
+    steps_measured: int
+    median_step_ms: float
+    min_step_ms: float
+    max_step_ms: float
+    qps: float
+    qps_ratio: float  # to equal weights at the representation level (no balancing work)
+    balance_share: float  # time inside the balance point / step time
+
+
+def variant_config(base: dict[str, Any], variant: Variant) -> Config:
+    raw = json.loads(json.dumps(base))
+    raw.setdefault("balance", {}).update(method=variant.method, level=variant.level)
+    return config_from_dict(raw)
+
+
+def measure(
+    base: dict[str, Any], variants: list[Variant], rounds: int, steps_per_round: int, warmup_rounds: int,
+    output_dir: Path, log=print,
+) -> list[QpsRow]:
+    """Run the interleaved rounds; returns one row per variant."""
+    env = init_distributed()
+    try:
+        trainers = {v.name: Trainer(variant_config(base, v), env, output_dir / v.name) for v in variants}
+        times: dict[str, list[float]] = {v.name: [] for v in variants}
+        balance: dict[str, list[float]] = {v.name: [] for v in variants}
+        for r in range(warmup_rounds + rounds):
+            order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate who goes first
+            for v in order:
+                trainer = trainers[v.name]
+                for _ in range(steps_per_round):
+                    batch = next(trainer.stream)
+                    started = time.perf_counter()
+                    result = trainer.train_step(batch)
+                    elapsed = time.perf_counter() - started
+                    if r >= warmup_rounds:
+                        times[v.name].append(elapsed)
+                        balance[v.name].append(result.balance_seconds)
+            phase = "warm-up" if r < warmup_rounds else "measured"
+            log(f"round {r + 1}/{warmup_rounds + rounds} ({phase}): " + "  ".join(
+                f"{v.name} {1e3 * statistics.median(times[v.name]):.2f}ms" for v in variants if times[v.name]
+            ), flush=True)
+    finally:
+        shutdown_distributed()
+    batch_size = base["data"]["global_batch_size"]
+    reference = Variant("equal", "representation").name
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows = []
+    for v in variants:
+        t = times[v.name]
+        rows.append(QpsRow(
+            method=v.method, level=v.level, steps_measured=len(t),
+            median_step_ms=1e3 * medians[v.name], min_step_ms=1e3 * min(t), max_step_ms=1e3 * max(t),
+            qps=batch_size / medians[v.name],
+            qps_ratio=medians[reference] / medians[v.name] if reference in medians else float("nan"),
+            balance_share=sum(balance[v.name]) / sum(t),
+        ))
+    return rows
+
+
+def write_report(rows: list[QpsRow], meta: dict[str, Any], output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "qps.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    (output_dir / "qps.md").write_text(format_table(rows, meta) + "\n")
+    plot(rows, output_dir / "qps.png")
+
+
+def format_table(rows: list[QpsRow], meta: dict[str, Any]) -> str:
+    lines = [
+        f"QPS at global batch {meta['global_batch_size']}, model {meta['model']}, {meta['threads']} thread(s), "
+        f"{meta['rounds']} measured rounds x {meta['steps_per_round']} steps (medians)",
+        "",
+        "| method | level | median step (ms) | min / max (ms) | QPS | QPS / equal | time in balance point |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.method} | {r.level} | {r.median_step_ms:.2f} | {r.min_step_ms:.2f} / {r.max_step_ms:.2f} | "
+            f"{r.qps:,.0f} | {r.qps_ratio:.3f} | {100 * r.balance_share:.2f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[QpsRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.2))
+    labels = [f"{r.method}\n{r.level[:5]}" for r in rows]
+    ax.bar(labels, [r.qps_ratio for r in rows], color=["C0" if r.level == "representation" else "C3" for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("QPS / equal")
+    ax.set_title("QPS ratio to equal weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(baseline: dict[str, Any], candidate: dict[str, Any], max_drop_pct: float) -> tuple[list[dict[str, Any]], bool]:
+    """Match rows by (method, level); a row fails when its QPS dropped by more than max_drop_pct."""
+    base = {(r["method"], r["level"]): r for r in baseline["rows"]}
+    out, ok = [], True
+    for r in candidate["rows"]:
+        key = (r["method"], r["level"])
+        if key not in base:
+            continue
+        drop = 100.0 * (1.0 - r["qps"] / base[key]["qps"])
+        failed = drop > max_drop_pct
+        ok &= not failed
+        out.append({"method": key[0], "level": key[1], "baseline_qps": base[key]["qps"], "candidate_qps": r["qps"],
+                    "drop_pct": drop, "failed": failed})
+    if not out:
+        raise ValueError("baseline and candidate share no (method, level) row to compare")
+    return out, ok
