@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
 from trainer.bench.cli import add_bench_commands, run_bench_command
 from trainer.config import ConfigError, load_config
 from trainer.data.cli import add_data_commands, run_data_command
@@ -63,6 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"recbalance: error: {err}", file=sys.stderr)
         return 2
+    except ChildFailedError as err:
+        print(f"recbalance: error: {root_cause(err)}", file=sys.stderr)
+        return 1
+
+
+def root_cause(err: ChildFailedError) -> str:
+    """The failing rank's exception line, not the launcher's wall of tracebacks."""
+    rank, failure = err.get_first_failure()
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    return f"rank {rank} failed: {lines[-1] if lines else f'exit code {failure.exitcode}'}"
 
 
 if __name__ == "__main__":

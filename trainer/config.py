@@ -56,6 +56,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0
     threads_per_rank: int = 1
+    # non-finite steps in a row after which the run saves a checkpoint and stops
+    max_nonfinite_in_row: int = 20
 
 
 @dataclass
@@ -66,12 +68,39 @@ class BalanceConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """`[metrics]`: the Prometheus exporter (served by rank 0 only, see docs/observability.md)
+    and the end-of-run Pushgateway push."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9400  # 0: pick a free port and print it
+    pushgateway: str = ""  # URL; empty: no push
+    job: str = "recbalance"
+    run_id: str = ""  # empty: generated (the launcher's run id, else time + random suffix)
+
+
+@dataclass
+class CheckpointConfig:
+    """`[checkpoint]`: torch.distributed.checkpoint directories under `dir` (default:
+    OUTPUT_DIR/checkpoints), saved every `every` steps (0: only at the end and on SIGTERM),
+    the newest `keep` kept; a run resumes from the newest complete one when `resume`."""
+
+    dir: str = ""
+    every: int = 0
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,8 +109,9 @@ class Config:
 POSITIVE_KEYS = {
     "data.global_batch_size", "data.eval_batch_size", "data.prefetch",
     "model.cross_rank", "model.num_experts", "train.log_every", "train.threads_per_rank",
+    "checkpoint.keep", "train.max_nonfinite_in_row",
 }
-NON_NEGATIVE_KEYS = {"model.cross_layers", "train.steps", "train.eval_every", "train.seed"}
+NON_NEGATIVE_KEYS = {"model.cross_layers", "train.steps", "train.eval_every", "train.seed", "checkpoint.every"}
 
 
 def _describe(tp: Any) -> str:
@@ -173,6 +203,24 @@ def _check_ranges(cfg: Config) -> None:
         layers = getattr(cfg.model, name)
         if not layers or any(width < 1 for width in layers):
             raise ConfigError(f"config key '{key}': {layers} is not allowed; expected a non-empty list of positive widths")
+    _check_metrics(cfg.metrics)
+
+
+def _check_metrics(metrics: MetricsConfig) -> None:
+    if not 0 <= metrics.port <= 65535:
+        raise ConfigError(
+            f"config key 'metrics.port': {metrics.port} is not allowed; expected an integer from 0 to 65535 "
+            "(0 picks a free port)"
+        )
+    if not metrics.host.strip():
+        raise ConfigError("config key 'metrics.host': '' is not allowed; expected an address such as '127.0.0.1' or '0.0.0.0'")
+    if metrics.pushgateway and not metrics.pushgateway.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"config key 'metrics.pushgateway': {metrics.pushgateway!r} is not allowed; "
+            "expected an http:// or https:// URL, or '' for no push"
+        )
+    if not metrics.job.strip() or "/" in metrics.job:
+        raise ConfigError(f"config key 'metrics.job': {metrics.job!r} is not allowed; expected a non-empty name without '/'")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import Balancer, make_balancer
 from trainer.build import build_balancer, build_model
+from trainer.checkpoint import CheckpointManager
+from trainer.guard import NonFiniteGuard, NonFiniteLimitError, grads_finite
 from trainer.config import Config, ConfigError
 from trainer.data.batch import Batch
 from trainer.data.reader import ParquetReader
@@ -50,6 +55,14 @@ def task_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 class StepResult:
     losses: torch.Tensor  # [M] local mean losses
     balance_seconds: float
+    nonfinite: bool = False
+
+
+STOP_CHECK_EVERY = 10  # steps between the all-rank checks for a pending SIGTERM
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved and the run stops to be resumed later."""
 
 
 class HistorySink(NullSink):
@@ -88,6 +101,8 @@ class Trainer:
             model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
         )
         self.optimizer = make_optimizer(self.model, cfg.train.dense_lr)
+        self.dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        self.guard = NonFiniteGuard(self.ranker.sparse_arch)
         self.local_batch = local_batch_size(cfg.data.global_batch_size, env.world_size, "data.global_batch_size")
         self.eval_local_batch = local_batch_size(cfg.data.eval_batch_size, env.world_size, "data.eval_batch_size")
         self.train_reader = self._reader("train", self.local_batch, shuffle=cfg.data.shuffle, drop_last=True)
@@ -96,6 +111,9 @@ class Trainer:
         self.total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
         self.step = 0
         self.examples_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.stop_requested = False  # set by the SIGTERM handler
         self.train_seconds = 0.0
         self.train_metrics = TaskMetrics(
             self.tasks, env.rank, env.world_size, self.local_batch,
@@ -104,6 +122,70 @@ class Trainer:
         self.throughput = Throughput(self.local_batch, env.world_size, warmup_steps=min(20, self.total_steps // 10))
         self.history = HistorySink()
         self.sinks: list[MetricsSink] = [ConsoleProgress(env.is_main), self.history, *(sinks or [])]
+        self.checkpoints = CheckpointManager(
+            Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else output_dir / "checkpoints", cfg.checkpoint.keep
+        )
+        self.resumed_from: int | None = None
+        if cfg.checkpoint.resume:
+            self.resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs. Per-rank metric states live under per-rank keys
+        (torch.distributed.checkpoint treats identical keys as replicated)."""
+        stream = self.stream.state_dict()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": {
+                "step": torch.tensor(self.step), "examples_seen": torch.tensor(self.examples_seen),
+                "nonfinite_total": torch.tensor(self.nonfinite_total),
+                "epoch": torch.tensor(stream["epoch"]), "batch": torch.tensor(stream["batch"]),
+            },
+            f"rank{self.env.rank}": {"train_ne": self.train_metrics.ne.state_dict()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        progress = {k: int(v) for k, v in state["progress"].items()}
+        self.step, self.examples_seen = progress["step"], progress["examples_seen"]
+        self.nonfinite_total = progress["nonfinite_total"]
+        self.stream.load_state_dict({"epoch": progress["epoch"], "batch": progress["batch"]})
+        self.train_metrics.ne.load_state_dict(state[f"rank{self.env.rank}"]["train_ne"])
+
+    def resume(self) -> None:
+        if not self.checkpoints.complete_checkpoints():
+            return
+        # Adam's state is created lazily; make it exist so the checkpoint loads in place.
+        for _, optimizer in self.optimizer.optimizers:
+            if isinstance(optimizer, KeyedOptimizerWrapper):
+                optimizer.init_state()
+        for p in self.dense_params:
+            p.grad = None  # DDP re-creates its bucket views on the next backward
+        state = self.state_dict()
+        step = self.checkpoints.load_latest(state)
+        if step is not None:
+            self.load_state_dict(state)
+            self.resumed_from = step
+            if self.env.is_main:
+                print(f"resumed from {self.checkpoints.directory}/step-{step:09d} "
+                      f"(step {self.step}, {self.examples_seen} examples seen)", flush=True)
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoints.save(self.step, self.state_dict())
+        for sink in self.sinks:
+            sink.on_checkpoint(self.step)
+        return path
+
+    def _stop_pending(self) -> bool:
+        """Collective every STOP_CHECK_EVERY steps: did any rank receive SIGTERM?"""
+        if self.step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag[0])
 
     @property
     def ranker(self) -> Any:
@@ -126,6 +208,7 @@ class Trainer:
         """Forward, ONE ordinary backward (the balance point combines the task gradients in
         it), fused sparse + dense optimizer step."""
         self.model.train()
+        self.guard.begin_step()
         logits = self.model(batch.dense, batch.sparse)
         losses = task_losses(logits, batch)
         objective = self.balancer.loss(losses) / self.env.world_size
@@ -140,15 +223,22 @@ class Trainer:
             started = time.perf_counter()
             self.param_level.apply(per_task)
             param_seconds += time.perf_counter() - started
+        balance_seconds = param_seconds if self.param_level else self.ranker.balance_point.last_balance_seconds
+        if self.guard.tripped or not grads_finite(self.dense_params):
+            self.optimizer.zero_grad()  # skip: the embeddings received a zero gradient
+            return StepResult(losses=losses.detach(), balance_seconds=balance_seconds, nonfinite=True)
         self.optimizer.step()
         self.train_metrics.update(logits, batch.labels, batch.weights)
-        balance_seconds = param_seconds if self.param_level else self.ranker.balance_point.last_balance_seconds
         return StepResult(losses=losses.detach(), balance_seconds=balance_seconds)
 
-    def fit(self) -> None:
+    def fit(self, until_step: int | None = None) -> None:
+        """Train to `total_steps` (or `until_step`), checkpointing every `checkpoint.every`
+        steps and when SIGTERM arrives."""
         started = time.perf_counter()
         log_every = self.cfg.train.log_every
-        while self.step < self.total_steps:
+        every = self.cfg.checkpoint.every
+        last = min(self.total_steps, until_step or self.total_steps)
+        while self.step < last:
             step_started = time.perf_counter()
             batch = next(self.stream).to(self.env.device)
             data_wait = time.perf_counter() - step_started
@@ -159,14 +249,38 @@ class Trainer:
             record = StepRecord(
                 step=self.step, step_seconds=time.perf_counter() - step_started, data_wait_seconds=data_wait,
                 balance_seconds=result.balance_seconds, examples=self.cfg.data.global_batch_size,
+                nonfinite=result.nonfinite,
             )
+            self._count_nonfinite(result)
             for sink in self.sinks:
                 sink.on_step(record)
             if self.step % log_every == 0 or self.step == self.total_steps:
                 self._report_progress(result, started)
             if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                 self._report_eval(self.evaluate("valid"), "valid")
-        self.train_seconds = time.perf_counter() - started
+            if every and self.step % every == 0:
+                self.save_checkpoint()
+            if self._stop_pending():
+                path = self.save_checkpoint()
+                raise Preempted(f"SIGTERM: saved {path} at step {self.step}; rerun the same command to resume")
+        self.train_seconds += time.perf_counter() - started
+
+    def _count_nonfinite(self, result: StepResult) -> None:
+        if not result.nonfinite:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        if self.env.is_main:
+            print(f"step {self.step}: non-finite loss or gradient, step skipped "
+                  f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)", flush=True)
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+            path = self.save_checkpoint()
+            raise NonFiniteLimitError(
+                f"{self.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_in_row = "
+                f"{self.cfg.train.max_nonfinite_in_row}); saved {path} at step {self.step} and stopped. "
+                "Lower train.dense_lr / train.embedding_lr or check the data for extreme values."
+            )
 
     def _report_progress(self, result: StepResult, started: float) -> None:
         """Collective (metrics all-reduce): every rank calls it at the same steps."""
@@ -245,12 +359,15 @@ class Trainer:
             "weights": None if weights is None else dict(zip(self.tasks, (float(w) for w in weights))),
             "sharding": sharding_plan_summary(self.model),
             "skipped_rows": int(all_reduce_sum(torch.tensor([self.train_reader.skipped_rows]))[0]),
+            "nonfinite_steps": self.nonfinite_total,
+            "resumed_from_step": self.resumed_from,
         }
 
     def run(self) -> dict[str, Any]:
         summary = None
         try:
             self.fit()
+            self.save_checkpoint()  # a retried job that already finished only re-evaluates
             evaluation = self.evaluate(self.cfg.data.eval_split)
             self._report_eval(evaluation, self.cfg.data.eval_split)
             summary = self.summary(evaluation)

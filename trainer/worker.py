@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,14 @@ def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
     torch.set_num_threads(cfg.train.threads_per_rank)
     env = init_distributed()
     from trainer.loop import Trainer
+    from trainer.telemetry import make_sinks
 
     # No try/finally: after an error a peer may sit in a collective forever, so the shutdown
     # barrier would hang; raising ends this process and the launcher stops the others.
-    summary = Trainer(cfg, env, Path(output_dir)).run()
+    trainer = Trainer(cfg, env, Path(output_dir), sinks=make_sinks(cfg, env, Path(output_dir)))
+    # Kubernetes preemption and torchrun's shutdown send SIGTERM: checkpoint, then stop.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    summary = trainer.run()
     shutdown_distributed()
     return summary
 
