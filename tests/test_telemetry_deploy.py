@@ -53,7 +53,7 @@ def test_podmonitor_is_a_podmonitor_on_the_metrics_port():
 
     assert DEFAULT_METRICS_PORT == 9400
     assert [e["port"] for e in doc["spec"]["podMetricsEndpoints"]] == ["metrics"]
-    assert doc["spec"]["selector"]["matchLabels"]["torchx.pytorch.org/role-name"] == "trainer"
+    assert doc["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "recbalance"}
 
 
 def live_scrape() -> str:

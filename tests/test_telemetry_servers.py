@@ -126,7 +126,7 @@ def test_prometheus_scrapes_a_two_rank_training_run(tmp_path, tiny_dataset, push
     run_id = f"test-{port}"
     cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(ROOT / "configs" / "synthetic.toml"),
            "--set", f'data.path="{tiny_dataset}"', "--set", "data.global_batch_size=128",
-           "--set", "data.eval_batch_size=512", "--set", "train.steps=240", "--set", "train.log_every=10",
+           "--set", "data.eval_batch_size=512", "--set", "train.steps=200", "--set", "train.log_every=10",
            "--set", "balance.method=multibalance", "--set", f"metrics.port={port}",
            "--set", f'metrics.pushgateway="{pushgateway.url}"', "--set", f'metrics.run_id="{run_id}"',
            "--output-dir", str(out), "--nproc-per-node", "2"]
@@ -171,7 +171,7 @@ def test_prometheus_scrapes_a_two_rank_training_run(tmp_path, tiny_dataset, push
         assert info["metric"]["method"] == "multibalance" and info["metric"]["world_size"] == "2"
         assert info["metric"]["run_id"] == run_id
         steps = query(prometheus, f"max_over_time(recbalance_train_steps_total{{{live}}}[10m])")
-        assert 0 < float(steps[0]["value"][1]) <= 240
+        assert 0 < float(steps[0]["value"][1]) <= 200
         # recording rule: QPS joined with the run's description
         joined = query(prometheus, "recbalance:qps:live[10m]")
         assert len(joined) == 1 and joined[0]["metric"]["method"] == "multibalance", joined
@@ -187,7 +187,7 @@ def test_prometheus_scrapes_a_two_rank_training_run(tmp_path, tiny_dataset, push
         assert close(p("recbalance_qps"), summary["qps"])
         assert p("recbalance_run_completed") == 1
         assert p("recbalance_train_examples_total") == summary["examples_seen"]
-        assert p("recbalance_train_steps_total") == summary["steps"] == 240
+        assert p("recbalance_train_steps_total") == summary["steps"] == 200
         split = summary["eval_split"]
         for t in tasks:
             assert close(p("recbalance_task_ne", task=t, split=split, window="lifetime"), summary["tasks"][t]["ne"])

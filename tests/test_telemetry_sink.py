@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import socket
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +54,7 @@ def test_events_update_the_right_series():
                              examples=256, nonfinite=step == 2))
     assert value(s, "recbalance_train_examples_total") == 768
     assert value(s, "recbalance_train_steps_total") == 3
+    assert value(s, "recbalance_train_step") == 3
     assert value(s, "recbalance_nonfinite_steps_total") == 1
     assert value(s, "recbalance_step_seconds_count") == 3
     assert value(s, "recbalance_step_seconds_sum") == pytest.approx(2.034)

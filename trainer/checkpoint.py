@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 STEP_DIR = re.compile(r"^step-(\d{9})$")
@@ -114,7 +115,7 @@ class CheckpointManager:
                 dcp.load(state, storage_reader=SafeFileSystemReader(path))
             except UnsafeCheckpointError:
                 raise
-            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back
+            except (Exception, CheckpointException) as err:  # noqa: BLE001 - any unreadable one falls back
                 print(f"recbalance: checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
                       "trying the previous one", flush=True)
                 ok[0] = 0

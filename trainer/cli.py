@@ -22,6 +22,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, help="where summary.json and the run's files go")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="local ranks to start (ignored when already started by torchrun/torchx)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart all local ranks this often after a failure; each restart resumes "
+                        "from the newest checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +52,7 @@ def train(args: argparse.Namespace) -> int:
         preflight(cfg, world_size=args.nproc_per_node)
         from trainer.launcher import launch_local
 
-        summary = launch_local(cfg.to_dict(), args.output_dir, args.nproc_per_node)
+        summary = launch_local(cfg.to_dict(), args.output_dir, args.nproc_per_node, args.max_restarts)
     print(format_summary(summary, Path(args.output_dir)), flush=True)
     return 0
 

@@ -138,7 +138,8 @@ class PrometheusSink(NullSink):
         self.info = Gauge(f"{p}_info", "Run description; always 1.", INFO_LABELS, registry=r)
         self.info.labels(**self.info_labels).set(1)
         self.examples = Counter(f"{p}_train_examples", "Training examples processed, all ranks.", registry=r)
-        self.steps = Counter(f"{p}_train_steps", "Training steps completed.", registry=r)
+        self.steps = Counter(f"{p}_train_steps", "Training steps completed by this process.", registry=r)
+        self.step = Gauge(f"{p}_train_step", "The run's current step (counts steps before a resume too).", registry=r)
         self.planned_steps = Gauge(f"{p}_train_planned_steps", "Steps the run will take in total.", registry=r)
         self.eta = Gauge(f"{p}_train_eta_seconds", "Estimated time to the end of training.", registry=r)
         self.qps = Gauge(f"{p}_qps", "Training throughput over the recent window, examples/s, all ranks.", registry=r)
@@ -220,6 +221,7 @@ class PrometheusSink(NullSink):
         self.counts["steps"] += 1
         self.examples.inc(record.examples)
         self.steps.inc()
+        self.step.set(record.step)
         self.step_seconds.observe(record.step_seconds)
         self.data_wait.observe(record.data_wait_seconds)
         self.balance.observe(record.balance_seconds)
