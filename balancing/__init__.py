@@ -8,6 +8,9 @@ the per-task gradients inside a single ordinary backward pass (pure torch).
     total.backward()
 """
 from . import methods as _methods  # noqa: F401  (registers the methods)
+from .methods import pub as _pub  # noqa: F401  (registers "pub")
+from . import drgrad as _drgrad  # noqa: F401  (registers "drgrad")
+from .drgrad import DRGrad, DRGradPoint
 from .base import Balancer, GramBalancer
 from .min_norm import min_norm_weights
 from .nash import nash_bargaining_weights
@@ -18,6 +21,8 @@ from .simplex import project_simplex
 __all__ = [
     "BalancePoint",
     "Balancer",
+    "DRGrad",
+    "DRGradPoint",
     "GramBalancer",
     "available_methods",
     "make_balancer",

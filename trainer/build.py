@@ -7,6 +7,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from balancing import Balancer, make_balancer
+from models.drgrad import DRGradRanker
 from models.ranker import MultiTaskRanker, RankerSpec
 from trainer.config import Config
 from trainer.data.schema import Schema
@@ -31,6 +32,17 @@ def embedding_tables(schema: Schema) -> list[EmbeddingBagConfig]:
 
 
 def build_balancer(cfg: Config, num_tasks: int, process_group: object | None = None) -> Balancer:
+    if cfg.balance.method == "drgrad":  # DRGrad is a model (split-MMoE) + its router
+        if cfg.model.kind != "mmoe":
+            raise ValueError(
+                f"config key 'model.kind': {cfg.model.kind!r} is not allowed with balance.method='drgrad'; "
+                "expected 'mmoe' (DRGrad builds its split-MMoE from the MMoE keys)"
+            )
+        if cfg.balance.level != "representation":
+            raise ValueError(
+                f"config key 'balance.level': {cfg.balance.level!r} is not allowed with balance.method='drgrad'; "
+                "expected 'representation' (the router acts inside the backward pass)"
+            )
     options = dict(cfg.balance.options)
     if process_group is not None:
         options["process_group"] = process_group
@@ -39,9 +51,22 @@ def build_balancer(cfg: Config, num_tasks: int, process_group: object | None = N
 
 def build_model(
     cfg: Config, schema: Schema, device: torch.device | None = None, point_balancer: Balancer | None = None
-) -> MultiTaskRanker:
-    """The model with the configured balancer at its balance point (or `point_balancer`)."""
+) -> MultiTaskRanker | DRGradRanker:
+    """The model with the configured balancer at its balance point (or `point_balancer`).
+
+    ``balance.method = "drgrad"`` selects DRGrad's split-MMoE (models/drgrad.py) built from
+    the MMoE keys; ``"pub"`` balances parameter updates (trainer/pub.py), so its model's
+    balance point passes the plain sum (``equal``)."""
     spec = RankerSpec(**dataclasses.asdict(cfg.model))
+    if point_balancer is None and cfg.balance.method == "drgrad":
+        balancer = build_balancer(cfg, len(schema.labels))
+        balancer.resolve_primary(list(schema.labels))
+        return DRGradRanker(
+            tables=embedding_tables(schema), num_dense=len(schema.dense), num_tasks=len(schema.labels),
+            spec=spec, balancer=balancer, personal_features=schema.personal_features, device=device,
+        )
+    if point_balancer is None and cfg.balance.method == "pub":
+        point_balancer = make_balancer("equal", len(schema.labels))
     return MultiTaskRanker(
         tables=embedding_tables(schema),
         num_dense=len(schema.dense),

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from trainer.bench.cli import add_bench_commands, run_bench_command
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as err:
         print(f"recbalance: error: {root_cause(err)}", file=sys.stderr)
         return 1
+    except SignalException as stop:
+        print(f"recbalance: stopped by signal {stop.sigval.name}; the ranks checkpoint before exiting, "
+              "rerun the same command to resume", file=sys.stderr)
+        return 128 + int(stop.sigval)
 
 
 def root_cause(err: ChildFailedError) -> str:

@@ -30,6 +30,7 @@ from trainer.gauc import UserGAUC
 from trainer.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
 from trainer.metrics import TaskMetrics, Throughput, global_mean
 from trainer.param_level import ParameterLevelBalancing, own_rank_group
+from trainer.pub import PUBLevel
 from trainer.progress import ConsoleProgress
 from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
 
@@ -88,7 +89,12 @@ class Trainer:
         self.tasks = list(self.schema.labels)
         torch.manual_seed(cfg.train.seed)
         self.param_level: ParameterLevelBalancing | None = None
-        if cfg.balance.level == "parameters":
+        if cfg.balance.method == "pub":  # PUB updates the shared dense parameters itself (trainer/pub.py)
+            model = build_model(cfg, self.schema)  # balance point: plain sum
+            balancer = build_balancer(cfg, len(self.tasks), process_group=own_rank_group())
+            self.param_level = PUBLevel(model.shared_dense_parameters(), balancer, cfg.train.dense_lr)
+            model.add_module("parameter_balancer", balancer)  # checkpointed with the model
+        elif cfg.balance.level == "parameters":
             # The model's balance point passes the plain sum; the configured balancer acts
             # on the shared parameters' gradients instead.
             model = build_model(cfg, self.schema, point_balancer=make_balancer("equal", len(self.tasks)))
@@ -100,7 +106,11 @@ class Trainer:
         self.model = shard_model(
             model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
         )
-        self.optimizer = make_optimizer(self.model, cfg.train.dense_lr)
+        self.optimizer = (
+            self.param_level.make_optimizer(self.model, cfg.train.dense_lr)
+            if isinstance(self.param_level, PUBLevel)
+            else make_optimizer(self.model, cfg.train.dense_lr)
+        )
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
         self.guard = NonFiniteGuard(self.ranker.sparse_arch)
         self.local_batch = local_batch_size(cfg.data.global_batch_size, env.world_size, "data.global_batch_size")
@@ -357,6 +367,7 @@ class Trainer:
                 t: {k: v for k, v in evaluation[t].items() if k in ("ne", "auc", "loss", "gauc")} for t in self.tasks
             },
             "weights": None if weights is None else dict(zip(self.tasks, (float(w) for w in weights))),
+            "balance_extra": self.balancer.extra_stats() if hasattr(self.balancer, "extra_stats") else None,
             "sharding": sharding_plan_summary(self.model),
             "skipped_rows": int(all_reduce_sum(torch.tensor([self.train_reader.skipped_rows]))[0]),
             "nonfinite_steps": self.nonfinite_total,

@@ -14,6 +14,9 @@ from trainer.config import config_from_dict
 from trainer.distributed import init_distributed, shutdown_distributed
 
 
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+
+
 def quiet_libraries() -> None:
     """TorchRec's planner and DDP warn about things that are expected on CPU; keep the
     user's console for progress lines."""
@@ -27,7 +30,7 @@ def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_rank)
     env = init_distributed()
-    from trainer.loop import Trainer
+    from trainer.loop import Preempted, Trainer
     from trainer.telemetry import make_sinks
 
     # No try/finally: after an error a peer may sit in a collective forever, so the shutdown
@@ -35,7 +38,12 @@ def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
     trainer = Trainer(cfg, env, Path(output_dir), sinks=make_sinks(cfg, env, Path(output_dir)))
     # Kubernetes preemption and torchrun's shutdown send SIGTERM: checkpoint, then stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except Preempted as stop:
+        if env.is_main:
+            print(f"recbalance: {stop}", flush=True)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     shutdown_distributed()
     return summary
 

@@ -140,8 +140,12 @@ class PUB(Balancer):
         if active.numel() > 0:
             sub = k[active][:, active]
             init = prev[active] if bool((prev[active] > 0).all()) else None
-            solved, ok = nash_bargaining_weights(sub, init=init, max_iter=self.max_iter, tol=self.tol,
-                                                 ridge=self.ridge)
+            try:
+                solved, ok = nash_bargaining_weights(sub, init=init, max_iter=self.max_iter, tol=self.tol,
+                                                     ridge=self.ridge)
+            except RuntimeError:  # e.g. a singular Newton system when no solution exists
+                solved, ok = prev[active], False
+            ok = ok and bool(torch.isfinite(solved).all() and (solved > 0).all())
             if ok:
                 alpha[active] = solved
             else:

@@ -1,0 +1,168 @@
+"""Failures a Kubernetes batch job meets: a rank killed outright (SIGKILL) with restarts
+allowed, preemption (SIGTERM), and non-finite steps."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed_util import run_ranks
+from tests.test_cli_train import ROOT, tiny_overrides
+from tests.test_sharded_equivalence import tiny_config
+
+STEPS = 800
+
+
+def start_training(data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    sets = [a for s in [f"train.steps={STEPS}", "checkpoint.every=20", "train.log_every=100"] for a in ("--set", s)]
+    args = [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/demo.toml",
+            *tiny_overrides(data), *sets, "--output-dir", str(out), "--nproc-per-node", "2", *extra]
+    # the tiny overrides' train.steps comes first; ours (later) wins
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "COMPLETE").exists())
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = checkpoint_steps(out)
+        if steps and steps[-1] >= 40:
+            return steps[-1]
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The launcher's spawned rank processes (children running multiprocessing's spawn_main)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_sigkill_of_one_rank_restarts_and_resumes(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(tiny_dataset, out, "--max-restarts", "1")
+    try:
+        killed_after = wait_for_checkpoint(out, proc)
+        ranks = worker_pids(proc.pid)
+        assert len(ranks) == 2
+        os.kill(ranks[-1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] >= killed_after
+    assert summary["steps"] == STEPS
+    assert summary["examples_seen"] == STEPS * 64  # none skipped, none repeated
+    assert "resumed from" in output
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(tiny_dataset, out)
+    try:
+        first = wait_for_checkpoint(out, proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "SIGTERM: saved" in output and "rerun the same command to resume" in output
+    saved = checkpoint_steps(out)[-1]
+    assert saved > first and saved < STEPS and saved % 10 == 0
+    # rerunning the same command resumes from that checkpoint and finishes
+    rerun = start_training(tiny_dataset, out)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == saved
+    assert summary["examples_seen"] == STEPS * 64
+
+
+class PoisonedStream:
+    """The real stream, with every batch's dense features set to NaN."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def __next__(self):
+        batch = next(self.stream)
+        batch.dense[:] = float("nan")
+        return batch
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+
+def nonfinite_run(config: dict, out_dir: str, poison_rank: int) -> dict:
+    """Poison one rank's dense features with NaN for some steps; report what changed."""
+    from trainer.config import config_from_dict
+    from trainer.distributed import init_distributed, shutdown_distributed
+    from trainer.guard import NonFiniteLimitError
+    from trainer.loop import Trainer
+
+    torch.set_num_threads(1)
+    env = init_distributed()
+    trainer = Trainer(config_from_dict(config), env, Path(out_dir))
+    trainer.fit(until_step=2)
+    before = {k: v.clone() for k, v in trainer.ranker.state_dict().items() if not hasattr(v, "local_shards")}
+    shards_before = [s.tensor.clone() for v in trainer.model.state_dict().values() if hasattr(v, "local_shards")
+                     for s in v.local_shards()]
+    batch = next(trainer.stream)
+    if env.rank == poison_rank:
+        batch.dense[0, 0] = float("nan")
+    result = trainer.train_step(batch)
+    after = {k: v for k, v in trainer.ranker.state_dict().items() if not hasattr(v, "local_shards")}
+    shards_after = [s.tensor for v in trainer.model.state_dict().values() if hasattr(v, "local_shards")
+                    for s in v.local_shards()]
+    unchanged = all(torch.equal(before[k], after[k]) for k in before) and all(
+        torch.equal(a, b) for a, b in zip(shards_before, shards_after))
+    # then the limit: every batch poisoned until the run saves and stops
+    trainer.stream = PoisonedStream(trainer.stream)
+    message = ""
+    try:
+        trainer.fit()
+    except NonFiniteLimitError as err:
+        message = str(err)
+    steps = trainer.step
+    shutdown_distributed()
+    return {"nonfinite": result.nonfinite, "unchanged": unchanged, "message": message, "step": steps,
+            "total": trainer.nonfinite_total}
+
+
+def test_nonfinite_step_is_skipped_on_every_rank_and_limit_stops(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, "table_wise", "mmoe", "multibalance")
+    config["train"].update(steps=50, max_nonfinite_in_row=3, embedding_optimizer="rowwise_adagrad")
+    got = run_ranks(nonfinite_run, 2, config, str(tmp_path), 1)
+    for rank in (0, 1):
+        assert got[rank]["nonfinite"] is True  # rank 0's batch was fine: it skips too
+        assert got[rank]["unchanged"] is True  # parameters, embeddings, balancer state untouched
+        assert "3 non-finite steps in a row" in got[rank]["message"]
+        assert got[rank]["total"] == 3  # counted by fit(); the first, direct train_step is not
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert saved and saved[-1] == f"step-{got[0]['step']:09d}"

@@ -1,0 +1,280 @@
+"""PUB (Parameter Update Balancing): one task is Adam, α solves (UᵀU)α = 1/α, an independent
+NumPy transcription of the update, the recompute schedule and fallback, and 2 ranks vs one
+process on the concatenated batch."""
+from __future__ import annotations
+
+import copy
+import os
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from balancing import make_balancer
+from tests.distributed_util import run_ranks
+from trainer.build import build_model
+from trainer.config import config_from_dict
+from trainer.data.reader import ParquetReader
+from trainer.data.schema import Schema
+from trainer.loop import task_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- one task = Adam
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_one_task_is_adam(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(40, generator=gen, dtype=dtype)
+    ours, ref = start.clone(), torch.nn.Parameter(start.clone())
+    adam = torch.optim.Adam([ref], lr=0.01, betas=(0.8, 0.99), eps=1e-6)
+    pub = make_balancer("pub", 1, every=3, betas=[0.8, 0.99], eps=1e-6)
+    for _ in range(25):
+        g = torch.randn(40, generator=gen, dtype=dtype) * 3
+        ours.add_(pub.combine(g.view(1, 1, 40)).reshape(-1), alpha=-0.01)
+        ref.grad = g.clone()
+        adam.step()
+        assert float(pub.alpha[0]) == 1.0
+    state = adam.state[ref]
+    torch.testing.assert_close(ours, ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(pub.exp_avg, state["exp_avg"], rtol=tol, atol=tol)
+    torch.testing.assert_close(pub.exp_avg_sq, state["exp_avg_sq"], rtol=tol, atol=tol)
+    assert int(pub.step) == int(state["step"]) == 25
+
+
+# ----------------------------------------------------------------------------- α
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_alpha_solves_nash_system_on_random_updates(m):
+    rng = np.random.default_rng(m)
+    for trial in range(5):
+        u = rng.normal(size=(m, 30)) * rng.uniform(0.1, 10.0, size=(m, 1))
+        pub = make_balancer("pub", m)
+        gram = torch.tensor(u @ u.T)
+        alpha = pub.solve(gram).numpy()
+        k = u @ u.T / np.linalg.norm(u @ u.T)  # Frobenius normalisation, as the reference code
+        assert (alpha > 0).all()
+        np.testing.assert_allclose(k @ alpha, 1.0 / alpha, rtol=1e-7)
+        assert int(pub.failed_solves) == 0
+
+
+def test_alpha_from_combine_uses_the_adam_updates():
+    """Inside `combine`, α solves the system for U = the per-task Adam updates (not the gradients)."""
+    rng = np.random.default_rng(3)
+    pub = make_balancer("pub", 3, every=1)
+    pub.reset_state(20, torch.float64)
+    for _ in range(3):
+        g = torch.tensor(rng.normal(size=(3, 1, 20)) * np.array([1.0, 5.0, 0.2])[:, None, None])
+        u = pub.task_updates(g.reshape(3, -1)).numpy()
+        pub.combine(g)
+        k = u @ u.T / np.linalg.norm(u @ u.T)
+        a = pub.alpha.numpy()
+        np.testing.assert_allclose(a * (k @ a), 1.0, rtol=1e-7)
+
+
+def np_pub(steps, every, b1=0.9, b2=0.999, eps=1e-8):
+    """Independent transcription: per-task Adam updates from fixed moments, α minimising
+    ½αᵀKα − Σ log α (scipy), combined update, moments from the α-weighted gradient."""
+    m_tasks, p = steps[0].shape
+    m, v, alpha = np.zeros(p), np.zeros(p), np.ones(m_tasks)
+    out = []
+    for t, g in enumerate(steps, start=1):
+        mt = b1 * m + (1 - b1) * g
+        vt = b2 * v + (1 - b2) * g * g
+        u = (mt / (1 - b1 ** t)) / (np.sqrt(vt) / np.sqrt(1 - b2 ** t) + eps)
+        if (t - 1) % every == 0:
+            k = u @ u.T
+            k = k / np.linalg.norm(k)
+            res = minimize(lambda a: 0.5 * a @ k @ a - np.log(a).sum(), alpha,
+                           jac=lambda a: k @ a - 1 / a, bounds=[(1e-9, None)] * m_tasks, tol=1e-14,
+                           method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-13, "ftol": 1e-15})
+            alpha = res.x
+        out.append((alpha.copy(), alpha @ u))
+        ga = alpha @ g
+        m = b1 * m + (1 - b1) * ga
+        v = b2 * v + (1 - b2) * ga * ga
+    return out
+
+
+def test_matches_numpy_transcription():
+    rng = np.random.default_rng(11)
+    steps = []
+    for _ in range(7):
+        g = rng.normal(size=(3, 25))
+        g[1] = -0.5 * g[0] + 0.9 * g[1]
+        steps.append(g * np.array([1.0, 3.0, 0.3])[:, None])
+    expected = np_pub(steps, every=3)
+    pub = make_balancer("pub", 3, every=3)
+    for g, (alpha, combined) in zip(steps, expected):
+        got = pub.combine(torch.tensor(g).unsqueeze(1)).reshape(-1).numpy()
+        np.testing.assert_allclose(pub.alpha.numpy(), alpha, rtol=1e-5)
+        np.testing.assert_allclose(got, combined, rtol=1e-5, atol=1e-8)
+    stats = pub.stats()
+    torch.testing.assert_close(stats["weights"], pub.alpha)
+    np.testing.assert_allclose(stats["grad_norms"].numpy(), np.linalg.norm(steps[-1], axis=1), rtol=1e-10)
+
+
+def test_alpha_recomputed_every_k_steps_and_failures_keep_previous():
+    rng = np.random.default_rng(5)
+    pub = make_balancer("pub", 2, every=4)
+    seen = []
+    for _ in range(8):
+        pub.combine(torch.tensor(rng.normal(size=(2, 1, 10)) * np.array([1.0, 4.0])[:, None, None]))
+        seen.append(pub.alpha.clone())
+    assert all(torch.equal(seen[0], a) for a in seen[1:4])
+    assert not torch.equal(seen[3], seen[4])
+    assert all(torch.equal(seen[4], a) for a in seen[5:8])
+    assert int(pub.solves) == 2
+    # exactly opposite updates: (UᵀU) singular, no positive solution -> keep α, count it
+    before = pub.alpha.clone()
+    g = rng.normal(size=10)
+    pub.every = 1
+    pub.exp_avg.zero_()
+    pub.exp_avg_sq.zero_()
+    pub.combine(torch.tensor(np.stack([g, -g])[:, None, :]))
+    assert int(pub.failed_solves) == 1
+    assert torch.equal(pub.alpha, before)
+    assert pub.extra_stats()["failed_solves"] == 1
+
+
+def test_state_dict_round_trip_resizes_moments():
+    rng = np.random.default_rng(2)
+    steps = [torch.tensor(rng.normal(size=(2, 1, 12))) for _ in range(6)]
+    pub = make_balancer("pub", 2, every=2)
+    for g in steps[:3]:
+        pub.combine(g)
+    state = copy.deepcopy(pub.state_dict())
+    assert {"exp_avg", "exp_avg_sq", "alpha", "failed_solves", "step"} <= set(state)
+    expected = [pub.combine(g) for g in steps[3:]]
+    restored = make_balancer("pub", 2, every=2)
+    restored.load_state_dict(state)  # its moments are empty until loaded
+    for e, g in zip(expected, steps[3:]):
+        assert torch.equal(e, restored.combine(g))
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ValueError, match="'betas'"):
+        make_balancer("pub", 2, betas=[0.9])
+    with pytest.raises(ValueError, match="'every'"):
+        make_balancer("pub", 2, every=0)
+
+
+# ----------------------------------------------------------------------------- 2 ranks = 1 process
+STEPS = int(os.environ.get("RECBALANCE_PUB_TEST_STEPS", "5"))
+
+
+def tiny_config(data: Path) -> dict:
+    return {
+        "data": {"path": str(data), "global_batch_size": 64, "eval_batch_size": 64, "shuffle": False, "prefetch": 1},
+        "model": {"kind": "mmoe", "dense_layers": [8], "cross_layers": 1, "cross_rank": 4,
+                  "shared_layers": [16], "num_experts": 2, "expert_layers": [8], "tower_layers": [4]},
+        "sharding": {"type": "table_wise"},
+        "train": {"steps": STEPS, "seed": 3, "embedding_optimizer": "sgd", "embedding_lr": 0.5, "dense_lr": 0.01},
+        "balance": {"method": "pub", "options": {"every": 2}},
+    }
+
+
+def sharded_run(config: dict):
+    from trainer.distributed import init_distributed, shutdown_distributed
+    from trainer.loop import Trainer
+    from trainer.metrics import global_mean
+    from trainer.sharding import copy_full_embeddings
+
+    cfg = config_from_dict(config)
+    torch.set_num_threads(1)
+    env = init_distributed()
+    trainer = Trainer(cfg, env, Path(config["data"]["path"]) / "out-pub")
+    torch.manual_seed(cfg.train.seed)
+    copy_full_embeddings(trainer.model, build_model(cfg, trainer.schema).state_dict())
+    losses, alphas, shared = [], [], []
+    for _ in range(STEPS):
+        result = trainer.train_step(next(trainer.stream))
+        losses.append(global_mean(result.losses).tolist())
+        alphas.append(trainer.balancer.stats()["weights"].tolist())
+        shared.append(torch.cat([p.detach().reshape(-1) for p in trainer.param_level.params]).tolist())
+    keys = [k for k in trainer.model.state_dict() if "parameter_balancer" in k]
+    shutdown_distributed()
+    return losses, alphas, shared, keys
+
+
+def reference_run(config: dict):
+    from trainer.pub import PUBLevel
+
+    cfg = config_from_dict(config)
+    schema = Schema.load(Path(cfg.data.path) / "schema.json")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, schema)
+    pub = PUBLevel(model.shared_dense_parameters(), make_balancer("pub", 2, every=2), cfg.train.dense_lr)
+    owned = {id(p) for p in pub.params}
+    embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
+    dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n and id(p) not in owned]
+    opts = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr), torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
+    readers = [ParquetReader(cfg.data.path, schema, "train", 32, r, 2, shuffle=False, seed=cfg.train.seed,
+                             drop_last=True) for r in (0, 1)]
+    streams = [r.epoch(0) for r in readers]
+    losses, alphas, shared = [], [], []
+    from tests.test_sharded_equivalence import _concat_kjt
+
+    for _ in range(STEPS):
+        parts = [next(s) for s in streams]
+        logits = model(torch.cat([p.dense for p in parts]), _concat_kjt([p.sparse for p in parts]))
+        batch = copy.copy(parts[0])
+        batch.labels = torch.cat([p.labels for p in parts], dim=1)
+        batch.weights = torch.cat([p.weights for p in parts])
+        step_losses = task_losses(logits, batch)
+        for opt in opts:
+            opt.zero_grad()
+        objective = step_losses.sum()
+        per_task = pub.per_task_gradients(step_losses, objective)
+        objective.backward()
+        pub.apply(per_task)
+        for opt in opts:
+            opt.step()
+        losses.append(step_losses.tolist())
+        alphas.append(pub.balancer.stats()["weights"].tolist())
+        shared.append(torch.cat([p.detach().reshape(-1) for p in pub.params]).tolist())
+    return losses, alphas, shared
+
+
+def test_two_ranks_agree_and_match_one_process(tiny_dataset):
+    config = tiny_config(tiny_dataset)
+    exp_losses, exp_alphas, exp_shared = reference_run(config)
+    got = run_ranks(sharded_run, 2, config)
+    assert got[0] == got[1]  # α, losses and the shared parameters are identical on both ranks
+    losses, alphas, shared, keys = got[0]
+    assert any(k.endswith("parameter_balancer.exp_avg") for k in keys)  # PUB state is checkpointed
+    # Steps 1-2 (α solved on step 1's global-batch updates, PUB update applied, losses of the
+    # next forward) match one process to float tolerance.
+    torch.testing.assert_close(torch.tensor(losses[:2]), torch.tensor(exp_losses[:2]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(alphas[:2]), torch.tensor(exp_alphas[:2]), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(shared[0]), torch.tensor(exp_shared[0]), rtol=1e-5, atol=1e-6)
+    # From the 2nd step's per-task gradients on, the sharded run drifts from one process by
+    # ~1e-4 relative (the pre-existing balance.level="parameters" path with method "equal"
+    # drifts the same way, see docs/methods_pub_drgrad.md); only a loose check here.
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(exp_losses), rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(alphas), torch.tensor(exp_alphas), rtol=2e-3, atol=1e-4)
+    assert exp_alphas[0] != exp_alphas[2]  # recomputed at step 3 (every = 2)
+    assert exp_alphas[2] == exp_alphas[3] and alphas[2] == alphas[3]  # reused between
+
+
+def test_cli_trains_from_census_pub_config(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    sets = [f'data.path="{tiny_dataset}"', "data.global_batch_size=64", "data.eval_batch_size=256", "train.steps=8",
+            "train.log_every=4", "model.num_experts=2", "model.expert_layers=[8]", "model.shared_layers=[16]",
+            "model.dense_layers=[8]", "model.tower_layers=[4]", "balance.options.every=3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/census_pub.toml",
+         *[a for s in sets for a in ("--set", s)], "--output-dir", str(out), "--nproc-per-node", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "pub" and summary["steps"] == 8
+    extra = summary["balance_extra"]
+    assert extra["solves"] == 3 and extra["failed_solves"] == 0
+    assert all(a > 0 for a in extra["alpha"])
+    assert set(summary["weights"]) == {"click", "conversion"}
