@@ -143,7 +143,7 @@ def test_metrics_scraping(objs: dict[str, dict]) -> None:
     assert int(_env(container)["METRICS_PORT"]) == port
     annotations = job["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
-    (monitor,) = _docs("podmonitor.yaml")
+    (monitor,) = [d for d in yaml.safe_load_all((K8S.parent / "prometheus" / "podmonitor.yaml").read_text()) if d]
     assert monitor["kind"] == "PodMonitor"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
