@@ -24,6 +24,7 @@ data/census/schema.json: $(STAMP)
 	$(BIN)/recbalance data census --output data/census
 
 demo: $(STAMP) data/census/schema.json
+	rm -rf runs/demo  # a fresh run each time (a kept directory would resume from its checkpoint)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/recbalance train --config configs/demo.toml \
 		--output-dir runs/demo --nproc-per-node 2
 

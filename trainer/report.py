@@ -5,6 +5,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _run_files(output_dir: Path) -> list[str]:
+    known = ("summary.json", "history.json", "config.json", "training.png", "checkpoints")
+    return [name for name in known if (output_dir / name).exists()]
+
+
 def format_summary(summary: dict[str, Any], output_dir: Path) -> str:
     tasks = summary["tasks"]
     width = max(len("task"), *(len(t) for t in tasks))
@@ -23,6 +28,6 @@ def format_summary(summary: dict[str, Any], output_dir: Path) -> str:
     lines += [
         "",
         f"QPS (training examples/s, all ranks, after warm-up): {summary['qps']:,.0f}",
-        f"run files: {output_dir.resolve()}  (summary.json, history.json, config.json)",
+        f"run files: {output_dir.resolve()}  ({', '.join(_run_files(output_dir))})",
     ]
     return "\n".join(lines)
