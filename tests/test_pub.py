@@ -17,9 +17,9 @@ from scipy.optimize import minimize
 
 from balancing import make_balancer
 from tests.distributed_util import run_ranks
+from tests.reference import global_batches
 from trainer.build import build_model
 from trainer.config import config_from_dict
-from trainer.data.reader import ParquetReader
 from trainer.data.schema import Schema
 from trainer.loop import task_losses
 
@@ -213,18 +213,11 @@ def reference_run(config: dict):
     embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
     dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n and id(p) not in owned]
     opts = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr), torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    readers = [ParquetReader(cfg.data.path, schema, "train", 32, r, 2, shuffle=False, seed=cfg.train.seed,
-                             drop_last=True) for r in (0, 1)]
-    streams = [r.epoch(0) for r in readers]
+    batches = global_batches(cfg, schema)
     losses, alphas, shared = [], [], []
-    from tests.test_sharded_equivalence import _concat_kjt
-
     for _ in range(STEPS):
-        parts = [next(s) for s in streams]
-        logits = model(torch.cat([p.dense for p in parts]), _concat_kjt([p.sparse for p in parts]))
-        batch = copy.copy(parts[0])
-        batch.labels = torch.cat([p.labels for p in parts], dim=1)
-        batch.weights = torch.cat([p.weights for p in parts])
+        batch = next(batches)
+        logits = model(batch.dense, batch.sparse)
         step_losses = task_losses(logits, batch)
         for opt in opts:
             opt.zero_grad()

@@ -2,16 +2,15 @@
 same model trained unsharded in one process on the concatenated (global) batch."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distributed_util import run_ranks
+from tests.reference import global_batches
 from trainer.build import build_model
 from trainer.config import config_from_dict
-from trainer.data.reader import ParquetReader
 from trainer.data.schema import Schema
 from trainer.loop import task_losses
 
@@ -66,20 +65,11 @@ def reference_losses(config: dict) -> tuple[list[list[float]], list[list[float]]
     embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
     dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
     opts = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr), torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    readers = [
-        ParquetReader(cfg.data.path, schema, "train", 32, rank, 2, shuffle=False, seed=cfg.train.seed, drop_last=True)
-        for rank in (0, 1)
-    ]
-    streams = [r.epoch(0) for r in readers]
+    batches = global_batches(cfg, schema)
     losses, weights = [], []
     for _ in range(STEPS):
-        parts = [next(s) for s in streams]
-        dense_x = torch.cat([p.dense for p in parts])
-        sparse = _concat_kjt([p.sparse for p in parts])
-        logits = model(dense_x, sparse)
-        batch = copy.copy(parts[0])
-        batch.labels = torch.cat([p.labels for p in parts], dim=1)
-        batch.weights = torch.cat([p.weights for p in parts])
+        batch = next(batches)
+        logits = model(batch.dense, batch.sparse)
         step_losses = task_losses(logits, batch)
         for opt in opts:
             opt.zero_grad()
@@ -89,20 +79,6 @@ def reference_losses(config: dict) -> tuple[list[list[float]], list[list[float]]
         losses.append(step_losses.tolist())
         weights.append(_weights(model.balancer))
     return losses, weights
-
-
-def _concat_kjt(kjts):
-    """Stack local batches' sparse features into one global batch (KJT.concat joins keys)."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    keys = kjts[0].keys()
-    per_key = [k.to_dict() for k in kjts]
-    values, lengths = [], []
-    for key in keys:
-        for d in per_key:
-            values.append(d[key].values())
-            lengths.append(d[key].lengths())
-    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
 @pytest.mark.parametrize(
