@@ -39,6 +39,9 @@ class Balancer(nn.Module):
         self._weights: Optional[torch.Tensor] = None
         self._grad_norms = torch.zeros(num_tasks, dtype=torch.float64)
         self._cosines = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+        #: last reduced Gram; norms and cosines are derived from it only when stats() asks,
+        #: keeping that work out of every backward pass
+        self._last_gram: Optional[torch.Tensor] = None
 
     # ----------------------------------------------------------------- public API
     def loss(self, losses: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,10 @@ class Balancer(nn.Module):
     def stats(self) -> Dict[str, Optional[torch.Tensor]]:
         """Last step's global-batch telemetry: ``weights`` [M] or None, ``grad_norms`` [M],
         ``cosines`` [M, M] (identical on every rank)."""
+        if self._last_gram is not None:
+            self._grad_norms = norms_from_gram(self._last_gram)
+            self._cosines = cosines_from_gram(self._last_gram)
+            self._last_gram = None
         return {
             "weights": None if self._weights is None else self._weights.clone(),
             "grad_norms": self._grad_norms.clone(),
@@ -71,8 +78,7 @@ class Balancer(nn.Module):
     def _global_gram(self, grads: torch.Tensor) -> torch.Tensor:
         """Global-batch Gram [M, M] (float64) and the telemetry derived from it."""
         gram = reduce_gram(local_gram(grads), self.process_group)
-        self._grad_norms = norms_from_gram(gram).detach()
-        self._cosines = cosines_from_gram(gram).detach()
+        self._last_gram = gram.detach()
         return gram
 
     def _advance(self) -> None:

@@ -34,16 +34,20 @@ class _BalanceFunction(torch.autograd.Function):
         work = ctx.dtypes[0]
         for dt in ctx.dtypes[1:]:
             work = torch.promote_types(work, dt)
-        per_task: List[torch.Tensor] = []
+        widths = [shape[1:].numel() for shape in ctx.shapes]
+        # One [M, B, K] buffer filled in place: a single copy of each task's gradient.
+        stacked = torch.empty((m, batch, sum(widths)), dtype=work, device=ctx.device)
         for task in range(m):
-            parts = []
-            for k in range(n):
+            offset = 0
+            for k, width in enumerate(widths):
                 g = grads[task * n + k]
+                target = stacked[task, :, offset:offset + width]
                 if g is None:  # the task did not read this copy
-                    g = torch.zeros(ctx.shapes[k], dtype=work, device=ctx.device)
-                parts.append(g.reshape(batch, -1).to(work))
-            per_task.append(parts[0] if n == 1 else torch.cat(parts, dim=1))
-        combined = point.balancer.combine(torch.stack(per_task))
+                    target.zero_()
+                else:
+                    target.copy_(g.reshape(batch, width))
+                offset += width
+        combined = point.balancer.combine(stacked)
         outs: List[torch.Tensor] = []
         offset = 0
         for shape, dt in zip(ctx.shapes, ctx.dtypes):
