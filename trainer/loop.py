@@ -88,21 +88,8 @@ class Trainer:
         self.schema = Schema.load(root / "schema.json")
         self.tasks = list(self.schema.labels)
         torch.manual_seed(cfg.train.seed)
-        self.param_level: ParameterLevelBalancing | None = None
-        if cfg.balance.method == "pub":  # PUB updates the shared dense parameters itself (trainer/pub.py)
-            model = build_model(cfg, self.schema)  # balance point: plain sum
-            balancer = build_balancer(cfg, len(self.tasks), process_group=own_rank_group())
-            self.param_level = PUBLevel(model.shared_dense_parameters(), balancer, cfg.train.dense_lr)
-            model.add_module("parameter_balancer", balancer)  # checkpointed with the model
-        elif cfg.balance.level == "parameters":
-            # The model's balance point passes the plain sum; the configured balancer acts
-            # on the shared parameters' gradients instead.
-            model = build_model(cfg, self.schema, point_balancer=make_balancer("equal", len(self.tasks)))
-            balancer = build_balancer(cfg, len(self.tasks), process_group=own_rank_group())
-            self.param_level = ParameterLevelBalancing(model.shared_dense_parameters(), balancer)
-            model.add_module("parameter_balancer", balancer)  # checkpointed with the model
-        else:
-            model = build_model(cfg, self.schema)
+        self.param_level: ParameterLevelBalancing | PUBLevel | None = None
+        model = self._build_model()
         self.model = shard_model(
             model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
         )
@@ -138,6 +125,23 @@ class Trainer:
         self.resumed_from: int | None = None
         if cfg.checkpoint.resume:
             self.resume()
+
+    def _build_model(self) -> Any:
+        """The model. Methods that act on the shared dense parameters (PUB, and any method at
+        `balance.level = "parameters"`) get a balance point that passes the plain sum, and
+        their balancer is kept in `self.param_level` (and in the model, so checkpointed)."""
+        cfg, tasks = self.cfg, len(self.tasks)
+        if cfg.balance.method != "pub" and cfg.balance.level != "parameters":
+            return build_model(cfg, self.schema)
+        model = build_model(cfg, self.schema, point_balancer=make_balancer("equal", tasks))
+        balancer = build_balancer(cfg, tasks, process_group=own_rank_group())
+        shared = model.shared_dense_parameters()
+        if cfg.balance.method == "pub":
+            self.param_level = PUBLevel(shared, balancer, cfg.train.dense_lr)
+        else:
+            self.param_level = ParameterLevelBalancing(shared, balancer)
+        model.add_module("parameter_balancer", balancer)
+        return model
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
