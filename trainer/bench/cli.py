@@ -1,4 +1,4 @@
-"""`recbalance bench qps|compare`."""
+"""`recbalance bench qps|quality|compare`."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from trainer.config import ConfigError, load_config
 
 
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: QPS of balancing methods, regression gate")
+    bench = sub.add_parser("bench", help="benchmarks: QPS and test quality of balancing methods, regression gate")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("qps", help="QPS of methods and levels side by side in one process, interleaved")
     q.add_argument("--config", required=True)
@@ -26,6 +26,19 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--warmup-rounds", type=int, default=2)
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--output-dir", required=True)
+    ql = bsub.add_parser("quality", help="test AUC/NE of methods over seeds against equal weights, "
+                                         "with a paired t-test; resumable")
+    ql.add_argument("--config", required=True)
+    ql.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ql.add_argument("--methods", required=True,
+                    help="comma-separated NAME or NAME:KEY=VALUE;KEY=VALUE items, e.g. "
+                         "'equal,multibalance,multibalance:ema=false' (equal is always added as the reference)")
+    ql.add_argument("--seeds", type=int, required=True, help="trainings per method, seeds SEED_BASE..SEED_BASE+N-1")
+    ql.add_argument("--seed-base", type=int, default=0)
+    ql.add_argument("--nproc-per-node", type=int, default=1, help="local ranks per training")
+    ql.add_argument("--max-restarts", type=int, default=0, help="restarts per training after a failure")
+    ql.add_argument("--output-dir", required=True,
+                    help="quality.json/.md/.png; every training in OUTPUT_DIR/cells/VARIANT/seed-K (reused on rerun)")
     c = bsub.add_parser("compare", help="QPS-regression gate: exit 1 when the candidate is slower beyond --max-drop")
     c.add_argument("--baseline", required=True)
     c.add_argument("--candidate", required=True)
@@ -65,6 +78,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
                   f"{r['drop_pct']:>7.2f}%{flag}")
         print("QPS gate: " + ("passed" if ok else f"FAILED (allowed drop {args.max_drop}%)"))
         return 0 if ok else 1
+    if args.bench_command == "quality":
+        from trainer.bench.quality import run_quality
+
+        return run_quality(args)
     from trainer.preflight import preflight
     from trainer.worker import quiet_libraries
 
