@@ -41,3 +41,54 @@ def global_batches(cfg, schema: Schema, world_size: int = 2) -> Iterator[Batch]:
         batch.labels = torch.cat([p.labels for p in parts], dim=1)
         batch.weights = torch.cat([p.weights for p in parts])
         yield batch
+
+
+def tiny_config(data, sharding: str = "table_wise", kind: str = "mmoe", method: str = "equal",
+                steps: int = 4, options: dict | None = None) -> dict:
+    """A tiny model on the tiny data set, SGD embeddings (the fused kernel equals torch's SGD)."""
+    return {
+        "data": {"path": str(data), "global_batch_size": 64, "eval_batch_size": 64, "shuffle": False, "prefetch": 1},
+        "model": {"kind": kind, "dense_layers": [8], "cross_layers": 1, "cross_rank": 4,
+                  "shared_layers": [16], "num_experts": 2, "expert_layers": [8], "tower_layers": [4]},
+        "sharding": {"type": sharding},
+        "train": {"steps": steps, "seed": 3, "embedding_optimizer": "sgd", "embedding_lr": 0.5, "dense_lr": 0.01},
+        "balance": {"method": method, "options": options or {}},
+    }
+
+
+def sharded_trainer(config: dict, out_name: str = "out"):
+    """This rank's real Trainer (call inside a launched rank), starting from the seed's full
+    tables so that it matches `reference_model` exactly."""
+    from pathlib import Path
+
+    from trainer.build import build_model
+    from trainer.config import config_from_dict
+    from trainer.distributed import init_distributed
+    from trainer.loop import Trainer
+    from trainer.sharding import copy_full_embeddings
+
+    cfg = config_from_dict(config)
+    torch.set_num_threads(1)
+    env = init_distributed()
+    trainer = Trainer(cfg, env, Path(cfg.data.path) / out_name)
+    torch.manual_seed(cfg.train.seed)
+    copy_full_embeddings(trainer.model, build_model(cfg, trainer.schema).state_dict())
+    return trainer
+
+
+def reference_model(config: dict):
+    """(cfg, schema, unsharded model, [embedding SGD, dense Adam]) in this process."""
+    from pathlib import Path
+
+    from trainer.build import build_model
+    from trainer.config import config_from_dict
+
+    cfg = config_from_dict(config)
+    schema = Schema.load(Path(cfg.data.path) / "schema.json")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, schema)
+    embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
+    dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
+    optimizers = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr),
+                  torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
+    return cfg, schema, model, optimizers

@@ -14,10 +14,7 @@ import torch
 
 from balancing import DRGradPoint, make_balancer
 from tests.distributed_util import run_ranks
-from tests.reference import global_batches
-from trainer.build import build_model
-from trainer.config import config_from_dict
-from trainer.data.schema import Schema
+from tests import reference
 from trainer.loop import task_losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,28 +131,14 @@ STEPS = 4
 
 
 def tiny_config(data: Path) -> dict:
-    return {
-        "data": {"path": str(data), "global_batch_size": 64, "eval_batch_size": 64, "shuffle": False, "prefetch": 1},
-        "model": {"kind": "mmoe", "dense_layers": [8], "cross_layers": 1, "cross_rank": 4,
-                  "shared_layers": [16], "num_experts": 2, "expert_layers": [8], "tower_layers": [4]},
-        "sharding": {"type": "table_wise"},
-        "train": {"steps": STEPS, "seed": 3, "embedding_optimizer": "sgd", "embedding_lr": 0.5, "dense_lr": 0.01},
-        "balance": {"method": "drgrad", "options": {"primary": "click", "decay": 0.9}},
-    }
+    return reference.tiny_config(data, "table_wise", "mmoe", "drgrad", steps=STEPS, options={"primary": "click", "decay": 0.9})
 
 
 def sharded_run(config: dict):
-    from trainer.distributed import init_distributed, shutdown_distributed
-    from trainer.loop import Trainer
+    from trainer.distributed import shutdown_distributed
     from trainer.metrics import global_mean
-    from trainer.sharding import copy_full_embeddings
 
-    cfg = config_from_dict(config)
-    torch.set_num_threads(1)
-    env = init_distributed()
-    trainer = Trainer(cfg, env, Path(config["data"]["path"]) / "out-drgrad")
-    torch.manual_seed(cfg.train.seed)
-    copy_full_embeddings(trainer.model, build_model(cfg, trainer.schema).state_dict())
+    trainer = reference.sharded_trainer(config, "out-drgrad")
     losses, mus = [], []
     for _ in range(STEPS):
         result = trainer.train_step(next(trainer.stream))
@@ -167,15 +150,9 @@ def sharded_run(config: dict):
 
 
 def reference_run(config: dict):
-    cfg = config_from_dict(config)
-    schema = Schema.load(Path(cfg.data.path) / "schema.json")
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, schema)
+    cfg, schema, model, opts = reference.reference_model(config)
     assert model.ppnet is not None  # the synthetic schema marks user_id as personal
-    embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
-    dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
-    opts = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr), torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    batches = global_batches(cfg, schema)
+    batches = reference.global_batches(cfg, schema)
     losses, mus = [], []
     for _ in range(STEPS):
         batch = next(batches)

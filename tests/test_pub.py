@@ -17,10 +17,7 @@ from scipy.optimize import minimize
 
 from balancing import make_balancer
 from tests.distributed_util import run_ranks
-from tests.reference import global_batches
-from trainer.build import build_model
-from trainer.config import config_from_dict
-from trainer.data.schema import Schema
+from tests import reference
 from trainer.loop import task_losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,28 +165,14 @@ STEPS = int(os.environ.get("RECBALANCE_PUB_TEST_STEPS", "5"))
 
 
 def tiny_config(data: Path) -> dict:
-    return {
-        "data": {"path": str(data), "global_batch_size": 64, "eval_batch_size": 64, "shuffle": False, "prefetch": 1},
-        "model": {"kind": "mmoe", "dense_layers": [8], "cross_layers": 1, "cross_rank": 4,
-                  "shared_layers": [16], "num_experts": 2, "expert_layers": [8], "tower_layers": [4]},
-        "sharding": {"type": "table_wise"},
-        "train": {"steps": STEPS, "seed": 3, "embedding_optimizer": "sgd", "embedding_lr": 0.5, "dense_lr": 0.01},
-        "balance": {"method": "pub", "options": {"every": 2}},
-    }
+    return reference.tiny_config(data, "table_wise", "mmoe", "pub", steps=STEPS, options={"every": 2})
 
 
 def sharded_run(config: dict):
-    from trainer.distributed import init_distributed, shutdown_distributed
-    from trainer.loop import Trainer
+    from trainer.distributed import shutdown_distributed
     from trainer.metrics import global_mean
-    from trainer.sharding import copy_full_embeddings
 
-    cfg = config_from_dict(config)
-    torch.set_num_threads(1)
-    env = init_distributed()
-    trainer = Trainer(cfg, env, Path(config["data"]["path"]) / "out-pub")
-    torch.manual_seed(cfg.train.seed)
-    copy_full_embeddings(trainer.model, build_model(cfg, trainer.schema).state_dict())
+    trainer = reference.sharded_trainer(config, "out-pub")
     losses, alphas, shared = [], [], []
     for _ in range(STEPS):
         result = trainer.train_step(next(trainer.stream))
@@ -204,16 +187,13 @@ def sharded_run(config: dict):
 def reference_run(config: dict):
     from trainer.pub import PUBLevel
 
-    cfg = config_from_dict(config)
-    schema = Schema.load(Path(cfg.data.path) / "schema.json")
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, schema)
+    cfg, schema, model, opts = reference.reference_model(config)
     pub = PUBLevel(model.shared_dense_parameters(), make_balancer("pub", 2, every=2), cfg.train.dense_lr)
     owned = {id(p) for p in pub.params}
     embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
     dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n and id(p) not in owned]
     opts = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr), torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    batches = global_batches(cfg, schema)
+    batches = reference.global_batches(cfg, schema)
     losses, alphas, shared = [], [], []
     for _ in range(STEPS):
         batch = next(batches)

@@ -7,41 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import reference
 from tests.distributed_util import run_ranks
-from tests.reference import global_batches
-from trainer.build import build_model
-from trainer.config import config_from_dict
-from trainer.data.schema import Schema
 from trainer.loop import task_losses
 
 STEPS = 4
 
 
 def tiny_config(data: Path, sharding: str, kind: str, method: str = "equal") -> dict:
-    return {
-        "data": {"path": str(data), "global_batch_size": 64, "eval_batch_size": 64, "shuffle": False, "prefetch": 1},
-        "model": {"kind": kind, "dense_layers": [8], "cross_layers": 1, "cross_rank": 4,
-                  "shared_layers": [16], "num_experts": 2, "expert_layers": [8], "tower_layers": [4]},
-        "sharding": {"type": sharding},
-        "train": {"steps": STEPS, "seed": 3, "embedding_optimizer": "sgd", "embedding_lr": 0.5, "dense_lr": 0.01},
-        "balance": {"method": method},
-    }
+    return reference.tiny_config(data, sharding, kind, method, steps=STEPS)
 
 
 def sharded_losses(config: dict) -> tuple[list[list[float]], list[list[float]]]:
     """One rank of the sharded run (the real Trainer), starting from the seed's full tables."""
-    from trainer.distributed import init_distributed, shutdown_distributed
-    from trainer.loop import Trainer
+    from trainer.distributed import shutdown_distributed
     from trainer.metrics import global_mean
-    from trainer.sharding import copy_full_embeddings
 
-    cfg = config_from_dict(config)
-    torch.set_num_threads(1)
-    env = init_distributed()
-    trainer = Trainer(cfg, env, Path(config["data"]["path"]) / "out")
-    torch.manual_seed(cfg.train.seed)
-    full = build_model(cfg, trainer.schema).state_dict()
-    copy_full_embeddings(trainer.model, full)
+    trainer = reference.sharded_trainer(config)
     losses, weights = [], []
     for _ in range(STEPS):
         result = trainer.train_step(next(trainer.stream))
@@ -58,14 +40,8 @@ def _weights(balancer) -> list[float]:
 
 def reference_losses(config: dict) -> tuple[list[list[float]], list[list[float]]]:
     """Unsharded, one process, global batch = rank 0's batch + rank 1's batch."""
-    cfg = config_from_dict(config)
-    schema = Schema.load(Path(cfg.data.path) / "schema.json")
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, schema)
-    embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
-    dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
-    opts = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr), torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    batches = global_batches(cfg, schema)
+    cfg, schema, model, opts = reference.reference_model(config)
+    batches = reference.global_batches(cfg, schema)
     losses, weights = [], []
     for _ in range(STEPS):
         batch = next(batches)
