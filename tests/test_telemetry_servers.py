@@ -245,3 +245,25 @@ def test_push_final_figures_and_baseline(pushgateway):
     baseline = {"job": "recbalance-baseline", "method": "multibalance", "model": "mmoe", "level": "representation",
                 "world_size": "2", "instance": ""}
     assert p(baseline, "recbalance_qps_baseline") == 3100.0
+
+
+def test_qps_gate_pushes_its_comparison(pushgateway, tmp_path):
+    """`recbalance bench compare --pushgateway URL` leaves the comparison on a real Pushgateway."""
+    import json
+    import subprocess
+    import sys
+
+    def report(qps: float) -> dict:
+        return {"rows": [{"method": "equal", "level": "representation", "qps": qps}]}
+
+    (tmp_path / "base.json").write_text(json.dumps(report(1000.0)))
+    (tmp_path / "cand.json").write_text(json.dumps(report(900.0)))
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "bench", "compare", "--baseline",
+                           str(tmp_path / "base.json"), "--candidate", str(tmp_path / "cand.json"), "--max-drop", "5",
+                           "--pushgateway", pushgateway.url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "pushed to" in proc.stdout
+    pushed = parse(get(pushgateway.url + "/metrics").decode())
+    group = {"job": "recbalance-qps-gate", "instance": "", "method": "equal", "level": "representation"}
+    assert abs(pushed[("recbalance_qps_gate_drop_percent", frozenset(group.items()))] - 10.0) < 1e-9
+    assert pushed[("recbalance_qps_gate_failed", frozenset(group.items()))] == 1.0
+    assert pushed[("recbalance_qps_gate_baseline", frozenset(group.items()))] == 1000.0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--baseline", required=True)
     c.add_argument("--candidate", required=True)
     c.add_argument("--max-drop", type=float, required=True, help="allowed QPS drop in percent")
+    c.add_argument("--pushgateway", default="", help="also push the comparison to this Pushgateway URL")
 
 
 def _variants(args: argparse.Namespace):
@@ -77,6 +79,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
             print(f"{r['method']:<14} {r['level']:<15} {r['baseline_qps']:>10,.0f} {r['candidate_qps']:>10,.0f} "
                   f"{r['drop_pct']:>7.2f}%{flag}")
         print("QPS gate: " + ("passed" if ok else f"FAILED (allowed drop {args.max_drop}%)"))
+        if args.pushgateway:
+            from trainer.bench.qps import push_comparison
+
+            try:
+                push_comparison(args.pushgateway, rows)
+                print(f"pushed to {args.pushgateway}")
+            except OSError as err:  # the gate's verdict stands even when the push fails
+                print(f"warning: could not push to {args.pushgateway}: {err}", file=sys.stderr)
         return 0 if ok else 1
     if args.bench_command == "quality":
         from trainer.bench.quality import run_quality

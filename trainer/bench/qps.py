@@ -147,3 +147,23 @@ def compare(baseline: dict[str, Any], candidate: dict[str, Any], max_drop_pct: f
     if not out:
         raise ValueError("baseline and candidate share no (method, level) row to compare")
     return out, ok
+
+
+def push_comparison(gateway: str, rows: list[dict[str, Any]], job: str = "recbalance-qps-gate") -> None:
+    """Push the gate's rows to a Pushgateway (one group per job), so the QPS-regression
+    dashboard shows the comparison next to the training runs."""
+    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+    registry = CollectorRegistry()
+    labels = ["method", "level"]
+    baseline = Gauge("recbalance_qps_gate_baseline", "QPS of the baseline run", labels, registry=registry)
+    candidate = Gauge("recbalance_qps_gate_candidate", "QPS of the candidate run", labels, registry=registry)
+    drop = Gauge("recbalance_qps_gate_drop_percent", "QPS drop of the candidate, percent", labels, registry=registry)
+    failed = Gauge("recbalance_qps_gate_failed", "1 when the drop exceeds the allowed one", labels, registry=registry)
+    for r in rows:
+        key = (r["method"], r["level"])
+        baseline.labels(*key).set(r["baseline_qps"])
+        candidate.labels(*key).set(r["candidate_qps"])
+        drop.labels(*key).set(r["drop_pct"])
+        failed.labels(*key).set(1.0 if r["failed"] else 0.0)
+    push_to_gateway(gateway, job=job, registry=registry, timeout=10)
