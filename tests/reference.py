@@ -92,3 +92,19 @@ def reference_model(config: dict):
     optimizers = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr),
                   torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
     return cfg, schema, model, optimizers
+
+
+def reference_steps(model, optimizers, batches: Iterator[Batch], steps: int) -> Iterator[torch.Tensor]:
+    """Plain single-process training: forward, the balancer's loss, ONE backward, step.
+    Yields each step's per-task losses [M]; the caller reads any state it compares."""
+    from trainer.loop import task_losses
+
+    for _ in range(steps):
+        batch = next(batches)
+        losses = task_losses(model(batch.dense, batch.sparse), batch)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        model.balancer.loss(losses).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        yield losses.detach()

@@ -15,7 +15,6 @@ import torch
 from balancing import DRGradPoint, make_balancer
 from tests.distributed_util import run_ranks
 from tests import reference
-from trainer.loop import task_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,15 +153,7 @@ def reference_run(config: dict):
     assert model.ppnet is not None  # the synthetic schema marks user_id as personal
     batches = reference.global_batches(cfg, schema)
     losses, mus = [], []
-    for _ in range(STEPS):
-        batch = next(batches)
-        logits = model(batch.dense, batch.sparse)
-        step_losses = task_losses(logits, batch)
-        for opt in opts:
-            opt.zero_grad()
-        model.balancer.loss(step_losses).backward()
-        for opt in opts:
-            opt.step()
+    for step_losses in reference.reference_steps(model, opts, batches, STEPS):
         losses.append(step_losses.tolist())
         mus.append(model.balancer.mu.tolist())
     return losses, mus, model.balancer.extra_stats()

@@ -9,7 +9,6 @@ import torch
 
 from tests import reference
 from tests.distributed_util import run_ranks
-from trainer.loop import task_losses
 
 STEPS = 4
 
@@ -43,15 +42,7 @@ def reference_losses(config: dict) -> tuple[list[list[float]], list[list[float]]
     cfg, schema, model, opts = reference.reference_model(config)
     batches = reference.global_batches(cfg, schema)
     losses, weights = [], []
-    for _ in range(STEPS):
-        batch = next(batches)
-        logits = model(batch.dense, batch.sparse)
-        step_losses = task_losses(logits, batch)
-        for opt in opts:
-            opt.zero_grad()
-        model.balancer.loss(step_losses).backward()
-        for opt in opts:
-            opt.step()
+    for step_losses in reference.reference_steps(model, opts, batches, STEPS):
         losses.append(step_losses.tolist())
         weights.append(_weights(model.balancer))
     return losses, weights
