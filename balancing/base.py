@@ -1,9 +1,11 @@
 """The `Balancer` base classes: input checks, step counter, telemetry, Gram-first combine.
 
-Every balancer maps the per-task gradients ``grads`` [M, B, ...] at the balance point to one
-combined gradient [B, ...]. Dimension 1 is the (local) batch. State that changes during
-training (EMAs, weights, step counter, seeds) lives in buffers/parameters, so it is in
-``state_dict()``; options are plain attributes fixed at construction.
+Every balancer maps the per-task gradients at the balance point -- a tensor [M, B, ...] or a
+sequence of M tensors [B, ...] -- to one combined gradient [B, ...]. Dimension 0 of each
+task's gradient is the (local) batch. Methods receive a tuple of M tensors (the node hands
+over the gradients autograd produced, without stacking them into a copy). State that
+changes during training (EMAs, weights, step counter, seeds) lives in buffers/parameters,
+so it is in ``state_dict()``; options are plain attributes fixed at construction.
 
 ``stats()["weights"]`` convention: the effective per-task multipliers ``c`` of the combined
 gradient ``sum_m c_m g_m`` (for methods whose combination is linear in the gradients, which
@@ -13,13 +15,26 @@ for `graddrop` (an element-wise random mask has no per-task multiplier).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .distributed import reduce_gram
-from .gram import cosines_from_gram, local_gram, norms_from_gram
+from .distributed import reduce_gram, world_size
+from .gram import GRAM_DTYPE, GramRows, TaskGrads, cosines_from_gram, gram_rows, norms_from_gram
+
+
+class LastStep:
+    """What the last combine leaves for `Balancer.stats()`: ``weights`` (floats or a tensor, or
+    None) and ``gram`` (rows of floats, None once read). A plain object: setting attributes of
+    an nn.Module costs several microseconds, and this is written inside every backward pass."""
+
+    __slots__ = ("weights", "gram")
+
+    def __init__(self) -> None:
+        self.weights: Optional[Union[Sequence[float], torch.Tensor]] = None
+        self.gram: Optional[GramRows] = None
 
 
 class Balancer(nn.Module):
@@ -36,34 +51,38 @@ class Balancer(nn.Module):
         #: data-parallel group whose ranks hold the other rows of the batch (None: default group)
         self.process_group = process_group
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._weights: Optional[torch.Tensor] = None
         self._grad_norms = torch.zeros(num_tasks, dtype=torch.float64)
         self._cosines = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
-        #: last reduced Gram; norms and cosines are derived from it only when stats() asks,
-        #: keeping that work out of every backward pass
-        self._last_gram: Optional[torch.Tensor] = None
+        self._last = LastStep()
+        self._group_ranks: Optional[int] = None
 
     # ----------------------------------------------------------------- public API
     def loss(self, losses: torch.Tensor) -> torch.Tensor:
         """Scalar to call ``.backward()`` on, from the per-task losses [M]. Default: their sum."""
         return self._check_losses(losses).sum()
 
-    def combine(self, grads: torch.Tensor) -> torch.Tensor:
-        """Combined gradient [*shape] from the per-task gradients ``grads`` [M, *shape]."""
-        self._check_grads(grads)
+    def combine(self, grads: TaskGrads) -> torch.Tensor:
+        """Combined gradient [*shape] from the per-task gradients: ``grads`` [M, *shape] or a
+        sequence of M tensors [*shape]."""
+        tasks = tuple(g.detach() if g.requires_grad else g for g in self._check_grads(grads))
+        if not torch.is_grad_enabled():  # inside a backward pass: already off
+            return self._combine(tasks)
         with torch.no_grad():
-            out = self._combine(grads.detach())
-        return out
+            return self._combine(tasks)
 
     def stats(self) -> Dict[str, Optional[torch.Tensor]]:
         """Last step's global-batch telemetry: ``weights`` [M] or None, ``grad_norms`` [M],
         ``cosines`` [M, M] (identical on every rank)."""
-        if self._last_gram is not None:
-            self._grad_norms = norms_from_gram(self._last_gram)
-            self._cosines = cosines_from_gram(self._last_gram)
-            self._last_gram = None
+        if self._last.gram is not None:
+            gram = torch.tensor(self._last.gram, dtype=GRAM_DTYPE)
+            self._grad_norms = norms_from_gram(gram)
+            self._cosines = cosines_from_gram(gram)
+            self._last.gram = None
+        weights = self._last.weights
         return {
-            "weights": None if self._weights is None else self._weights.clone(),
+            "weights": None if weights is None else torch.tensor(
+                weights.tolist() if isinstance(weights, torch.Tensor) else list(weights), dtype=torch.float64
+            ),
             "grad_norms": self._grad_norms.clone(),
             "cosines": self._cosines.clone(),
         }
@@ -72,29 +91,59 @@ class Balancer(nn.Module):
         return f"method={self.method_name!r}, num_tasks={self.num_tasks}"
 
     # ----------------------------------------------------------------- for subclasses
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _global_gram(self, grads: torch.Tensor) -> torch.Tensor:
-        """Global-batch Gram [M, M] (float64) and the telemetry derived from it."""
-        gram = reduce_gram(local_gram(grads), self.process_group)
-        self._last_gram = gram.detach()
+    def _global_gram(self, grads: Sequence[torch.Tensor]) -> GramRows:
+        """Global-batch Gram as M rows of floats (kept for the telemetry): the local Gram, summed
+        over the data-parallel ranks when there are several."""
+        gram = gram_rows(grads)
+        if self._world_size() > 1:
+            local = torch.tensor(gram, dtype=GRAM_DTYPE, device=grads[0].device)
+            gram = reduce_gram(local, self.process_group).tolist()
+        self._last.gram = gram
         return gram
 
+    def _world_size(self) -> int:
+        """Ranks in the data-parallel group, looked up at the first combine and kept (this runs
+        in every backward pass); the process group must be initialised by then."""
+        if self._group_ranks is None:
+            self._group_ranks = world_size(self.process_group)
+        return self._group_ranks
+
     def _advance(self) -> None:
-        self.step += 1
+        self.step.add_(1)
 
     # ----------------------------------------------------------------- checks
-    def _check_grads(self, grads: torch.Tensor) -> None:
-        if not isinstance(grads, torch.Tensor):
-            raise ValueError(f"grads must be a tensor [M, batch, ...], got {type(grads).__name__}")
-        if grads.dim() < 2 or grads.shape[0] != self.num_tasks:
+    def _check_grads(self, grads: TaskGrads) -> Tuple[torch.Tensor, ...]:
+        """The M per-task gradients as a tuple, after checking count, shape and dtype."""
+        if isinstance(grads, torch.Tensor):
+            if grads.dim() < 2 or grads.shape[0] != self.num_tasks:
+                raise ValueError(
+                    f"grads must have shape [M={self.num_tasks}, batch, ...] for method "
+                    f"{self.method_name!r}, got shape {list(grads.shape)}"
+                )
+            tasks = grads.unbind(0)
+        elif isinstance(grads, (tuple, list)) and all(isinstance(g, torch.Tensor) for g in grads):
+            if len(grads) != self.num_tasks:
+                raise ValueError(
+                    f"grads must hold M={self.num_tasks} per-task gradients for method "
+                    f"{self.method_name!r}, got {len(grads)}"
+                )
+            tasks = tuple(grads)
+            first = tasks[0]
+            if first.dim() < 1 or any(g.shape != first.shape or g.dtype != first.dtype for g in tasks):
+                raise ValueError(
+                    "per-task gradients must share one shape [batch, ...] and dtype, got "
+                    f"{[(list(g.shape), str(g.dtype)) for g in tasks]}"
+                )
+        else:
             raise ValueError(
-                f"grads must have shape [M={self.num_tasks}, batch, ...] for method "
-                f"{self.method_name!r}, got shape {list(grads.shape)}"
+                f"grads must be a tensor [M, batch, ...] or a sequence of M tensors, got {type(grads).__name__}"
             )
-        if not grads.is_floating_point():
-            raise ValueError(f"grads must be a floating-point tensor, got dtype {grads.dtype}")
+        if not tasks[0].is_floating_point():
+            raise ValueError(f"grads must be floating-point, got dtype {tasks[0].dtype}")
+        return tasks
 
     def _check_losses(self, losses: torch.Tensor) -> torch.Tensor:
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.num_tasks,):
@@ -105,32 +154,51 @@ class Balancer(nn.Module):
         return losses
 
 
-def apply_coefficients(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """``sum_m coef_m * grads[m]`` computed on the LOCAL gradients (float32 at least)."""
-    work = torch.promote_types(grads.dtype, torch.float32)
-    flat = grads.reshape(grads.shape[0], -1).to(work)
-    out = coef.to(device=grads.device, dtype=work) @ flat
-    return out.reshape(grads.shape[1:]).to(grads.dtype)
+def weighted_sum(coef: Sequence[float], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_m coef_m * grads[m]`` on the LOCAL gradients (accumulated in float32 at least)."""
+    work = torch.promote_types(grads[0].dtype, torch.float32)
+    out = grads[0].to(work) * float(coef[0])
+    for c, g in zip(coef[1:], grads[1:]):
+        out.add_(g, alpha=float(c))
+    return out.to(grads[0].dtype)
+
+
+def plain_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_m grads[m]`` added task by task, as autograd accumulates (a new tensor)."""
+    out = grads[0].clone() if len(grads) == 1 else torch.add(grads[0], grads[1])
+    for g in grads[2:]:
+        out.add_(g)
+    return out
+
+
+def gram_is_finite(gram: GramRows) -> bool:
+    """True when every entry of the (small) Gram matrix is finite."""
+    return all(math.isfinite(x) for row in gram for x in row)
 
 
 class GramBalancer(Balancer):
     """Inner-product method: coefficients from the reduced Gram only, applied to LOCAL grads.
 
-    Subclasses implement `coefficients(gram) -> Tensor[M]` (float64). All ranks see the same
-    Gram, hence the same coefficients; a non-finite Gram (non-finite gradients) leaves the
-    state untouched and returns the plain sum, so the trainer sees the non-finite gradient
-    and can skip the step.
+    Subclasses implement `coefficients(gram) -> Tensor[M]` (float64), or, to stay off tensor
+    operations inside the backward pass, `coefficient_values(rows) -> M floats`. All ranks
+    see the same Gram, hence the same coefficients; a non-finite Gram (non-finite gradients)
+    leaves the state untouched and returns the plain sum, so the trainer sees the non-finite
+    gradient and can skip the step.
     """
 
     def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def coefficient_values(self, gram: GramRows) -> List[float]:
+        """The M coefficients as floats from the Gram rows; default: `coefficients`."""
+        return self.coefficients(torch.tensor(gram, dtype=GRAM_DTYPE)).detach().tolist()
+
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         gram = self._global_gram(grads)
-        if not bool(torch.isfinite(gram).all()):
-            self._weights = None
-            return grads.sum(0)
-        coef = self.coefficients(gram).detach().to(torch.float64)
-        self._weights = coef
+        if not gram_is_finite(gram):
+            self._last.weights = None
+            return plain_sum(grads)
+        coef = self.coefficient_values(gram)
+        self._last.weights = coef
         self._advance()
-        return apply_coefficients(coef, grads)
+        return weighted_sum(coef, grads)

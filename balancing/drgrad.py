@@ -191,7 +191,7 @@ class DRGrad(Balancer):
         norms[p] = math.sqrt(max(float(gram[0, 0] + gram[1, 1]), 0.0))
         self._grad_norms = norms
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         """At a plain BalancePoint there is no dedicated path (g1' = 0): nothing to route, the
         result is the plain sum (the updater still runs). The model uses `DRGradPoint`."""
         p = self.p

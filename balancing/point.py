@@ -3,7 +3,7 @@ and, in the single backward pass, replaces the sum of their gradients by the bal
 from __future__ import annotations
 
 import time
-from typing import List, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -13,58 +13,71 @@ from .base import Balancer
 Shared = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
+class BackwardTiming:
+    """Wall time of the last backward through a balance point. A plain object, written inside
+    the backward pass (an nn.Module attribute costs microseconds to set)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
 class _BalanceFunction(torch.autograd.Function):
-    """Forward: M views of each input. Backward: stack the M gradients, combine, split."""
+    """Forward: M views of each input. Backward: the M per-task gradients -> combine -> split."""
 
     @staticmethod
     def forward(ctx, point: "BalancePoint", *tensors: torch.Tensor):  # type: ignore[override]
-        ctx.point = point
+        ctx.balancer = point.balancer
+        ctx.timing = point.timing
         ctx.shapes = [t.shape for t in tensors]
         ctx.dtypes = [t.dtype for t in tensors]
         ctx.device = tensors[0].device
+        ctx.work = ctx.dtypes[0]
+        for dt in ctx.dtypes[1:]:
+            ctx.work = torch.promote_types(ctx.work, dt)
         m = point.balancer.num_tasks
         return tuple(t.view_as(t) for _ in range(m) for t in tensors)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: Optional[torch.Tensor]):  # type: ignore[override]
         start = time.perf_counter()
-        point: BalancePoint = ctx.point
-        n, m = len(ctx.shapes), point.balancer.num_tasks
-        batch = ctx.shapes[0][0]
-        work = ctx.dtypes[0]
-        for dt in ctx.dtypes[1:]:
-            work = torch.promote_types(work, dt)
-        widths = [shape[1:].numel() for shape in ctx.shapes]
-        # One [M, B, K] buffer filled in place: a single copy of each task's gradient.
-        stacked = torch.empty((m, batch, sum(widths)), dtype=work, device=ctx.device)
-        for task in range(m):
-            offset = 0
-            for k, width in enumerate(widths):
-                g = grads[task * n + k]
-                target = stacked[task, :, offset:offset + width]
-                if g is None:  # the task did not read this copy
-                    target.zero_()
-                else:
-                    target.copy_(g.reshape(batch, width))
-                offset += width
-        combined = point.balancer.combine(stacked)
-        outs: List[torch.Tensor] = []
-        offset = 0
-        for shape, dt in zip(ctx.shapes, ctx.dtypes):
-            width = shape[1:].numel()
-            outs.append(combined[:, offset:offset + width].reshape(shape).to(dt))
-            offset += width
-        point.last_balance_seconds = time.perf_counter() - start
+        n, m = len(ctx.shapes), ctx.balancer.num_tasks
+        per_task = [_task_gradient(grads[task * n:(task + 1) * n], ctx) for task in range(m)]
+        combined = ctx.balancer.combine(per_task)
+        if n == 1:
+            outs = [combined if combined.dtype == ctx.dtypes[0] else combined.to(ctx.dtypes[0])]
+        else:
+            widths = [shape[1:].numel() for shape in ctx.shapes]
+            pieces = combined.split(widths, dim=1)
+            outs = [p.reshape(shape).to(dt) for p, shape, dt in zip(pieces, ctx.shapes, ctx.dtypes)]
+        ctx.timing.seconds = time.perf_counter() - start
         return (None, *outs)
+
+
+def _task_gradient(grads: Sequence[Optional[torch.Tensor]], ctx: Any) -> torch.Tensor:
+    """One task's gradient w.r.t. the shared inputs: as received for a single input (no copy),
+    else the inputs' gradients flattened to [B, K_i] and concatenated to [B, sum K_i]; zeros
+    for a copy the task did not read."""
+    if len(grads) == 1 and grads[0] is not None and grads[0].dtype == ctx.work:
+        return grads[0]
+    filled = [
+        torch.zeros(shape, dtype=ctx.work, device=ctx.device) if g is None else g.to(ctx.work)
+        for g, shape in zip(grads, ctx.shapes)
+    ]
+    if len(filled) == 1:
+        return filled[0]
+    batch = ctx.shapes[0][0]
+    return torch.cat([g.reshape(batch, -1) for g in filled], dim=1)
 
 
 class BalancePoint(nn.Module):
     """Split the shared representation into M per-task copies whose gradients are balanced.
 
     ``point(h)`` returns a tuple of M tensors equal to ``h`` (views: do not modify them in
-    place); ``point((a, b))`` returns M tuples ``(a_m, b_m)``. In backward the M gradients of
-    every input (zeros for a copy a task did not read) are flattened to [M, B, K] (features of
-    all inputs concatenated), combined by ``balancer.combine`` and returned upstream, so the
+    place); ``point((a, b))`` returns M tuples ``(a_m, b_m)``. In backward the M gradients
+    (zeros for a copy a task did not read; for several inputs each task's gradients flattened
+    to [B, K] and concatenated) are combined by ``balancer.combine`` and returned upstream, so the
     one ordinary backward continues with the balanced gradient. Inputs that do not require
     grad (or grad mode off) are passed through unchanged. All inputs share batch dim 0.
     """
@@ -74,9 +87,13 @@ class BalancePoint(nn.Module):
         if not isinstance(balancer, Balancer):
             raise ValueError(f"BalancePoint needs a balancing.Balancer, got {type(balancer).__name__}")
         self.balancer = balancer
-        #: wall time of the last backward through the node (combine incl. communication);
-        #: on GPU this includes the host synchronisation the solvers need.
-        self.last_balance_seconds: float = 0.0
+        self.timing = BackwardTiming()
+
+    @property
+    def last_balance_seconds(self) -> float:
+        """Wall time of the last backward through the node (combine incl. communication); on
+        GPU this includes the host synchronisation the solvers need."""
+        return self.timing.seconds
 
     @property
     def num_tasks(self) -> int:

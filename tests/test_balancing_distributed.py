@@ -14,6 +14,10 @@ import torch.multiprocessing as mp
 from balancing import make_balancer
 
 WORLD, M, B, K, STEPS = 2, 3, 8, 5, 5
+#: float32 gradients: each rank's local Gram is accumulated in float32 (~1e-7 relative), so the
+#: reduced Gram equals the one-process Gram to float32 rounding (an inner product is off by
+#: ~1e-7 |g_i| |g_j|, hence the absolute term for small coefficients); the ranks agree bitwise.
+GRAM_TOL = {"rtol": 2e-6, "atol": 1e-6}
 
 CASES = {
     "equal": ("equal", {}),
@@ -99,18 +103,18 @@ def test_ranks_agree_with_single_process(distributed_results, key):
     for step in range(STEPS):
         w0, w1, wref = r0["weights"][step], r1["weights"][step], ref["weights"][step]
         assert torch.equal(w0, w1), f"{key}: ranks disagree at step {step}"
-        torch.testing.assert_close(w0, wref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(w0, wref, **GRAM_TOL)
         if r0["mixing"][step] is not None:
             assert torch.equal(r0["mixing"][step], r1["mixing"][step])
-            torch.testing.assert_close(r0["mixing"][step], ref["mixing"][step], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(r0["mixing"][step], ref["mixing"][step], **GRAM_TOL)
         for r, res in enumerate((r0, r1)):
             rows = ref["combined"][step][r * half:(r + 1) * half]
             torch.testing.assert_close(res["combined"][step], rows, rtol=1e-5, atol=1e-6)
     assert torch.equal(r0["norms"], r1["norms"])
-    torch.testing.assert_close(r0["norms"], ref["norms"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(r0["norms"], ref["norms"], **GRAM_TOL)
     for name, value in ref["state"].items():
         assert torch.equal(r0["state"][name], r1["state"][name])
-        torch.testing.assert_close(r0["state"][name], value, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(r0["state"][name], value, **GRAM_TOL)
 
 
 def test_dbmtl_loss_uses_global_losses(distributed_results):

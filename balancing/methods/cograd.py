@@ -15,12 +15,11 @@ form="fisher", per_sample=True.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..base import Balancer
-from ..distributed import world_size
+from ..base import Balancer, weighted_sum
 from ..options import check_bool, check_choice, check_per_task
 from ..registry import register
 
@@ -45,18 +44,25 @@ class CoGrad(Balancer):
         self.form = check_choice("form", form, ("fisher", "algorithm1"))
         self.per_sample = check_bool("per_sample", per_sample)
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._global_gram(grads)  # telemetry only
-        work = torch.promote_types(grads.dtype, torch.float32)
-        g = grads.to(work)
-        m = self.num_tasks
-        shape = (m,) + (1,) * (g.dim() - 1)
-        gamma = self.gamma.to(device=g.device, dtype=work).view(shape)
-        weights = self.weights.to(device=g.device, dtype=work).view(shape)
-        p = g * float(g.shape[1] * world_size(self.process_group)) if self.per_sample else g
-        cross = (gamma * g).sum(0, keepdim=True) - gamma * g  # sum_{j != i} gamma_j g_j
-        hess = p * p if self.form == "fisher" else p
-        corrected = g - hess * cross
-        self._weights = self.weights.clone()
+        work = torch.promote_types(grads[0].dtype, torch.float32)
+        g = [t if t.dtype == work else t.to(work) for t in grads]
+        w, gamma = self.weights.tolist(), self.gamma.tolist()
+        scale = float(g[0].shape[0] * self._world_size()) if self.per_sample else 1.0
+        # sum_i w_i ĝ_i = sum_i w_i g_i - sum_i sum_{j != i} w_i gamma_j H_i g_j, gathered by
+        # pairs i < j so that each product g_i ⊙ g_j is formed once:
+        #   fisher:     H_i g_j = scale² g_i ⊙ g_i ⊙ g_j -> (g_i ⊙ g_j) ⊙ (w_i gamma_j g_i + w_j gamma_i g_j) scale²
+        #   algorithm1: H_i g_j = scale g_i ⊙ g_j        -> (g_i ⊙ g_j) (w_i gamma_j + w_j gamma_i) scale
+        out = weighted_sum(w, g)
+        for i in range(self.num_tasks):
+            for j in range(i + 1, self.num_tasks):
+                both = g[i] * g[j]
+                if self.form == "fisher":
+                    out.addcmul_(both, g[i], value=-scale * scale * w[i] * gamma[j])
+                    out.addcmul_(both, g[j], value=-scale * scale * w[j] * gamma[i])
+                else:
+                    out.add_(both, alpha=-scale * (w[i] * gamma[j] + w[j] * gamma[i]))
+        self._last.weights = self.weights.clone()
         self._advance()
-        return (weights * corrected).sum(0).to(grads.dtype)
+        return out.to(grads[0].dtype)

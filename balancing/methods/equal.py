@@ -1,11 +1,11 @@
 """`equal`: the plain sum of the task gradients (what ``sum(losses).backward()`` does)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
-from ..base import Balancer
+from ..base import Balancer, plain_sum
 from ..registry import register
 
 
@@ -16,12 +16,10 @@ class Equal(Balancer):
 
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
+        self._ones = torch.ones(num_tasks, dtype=torch.float64)
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._global_gram(grads)  # telemetry only
-        self._weights = torch.ones(self.num_tasks, dtype=torch.float64)
+        self._last.weights = self._ones
         self._advance()
-        out = grads[0].clone()
-        for m in range(1, self.num_tasks):  # task by task, as autograd accumulates (and faster than sum(0))
-            out += grads[m]
-        return out
+        return plain_sum(grads)

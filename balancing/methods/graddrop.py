@@ -14,7 +14,7 @@ numbers in [0, 1]), seed=0.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -40,9 +40,9 @@ class GradDrop(Balancer):
         self.leak = torch.tensor(check_per_task("leak", leak, num_tasks, low=0.0, high=1.0), dtype=torch.float64)
         self.register_buffer("seed", torch.tensor(check_int("seed", seed, low=0), dtype=torch.long))
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._global_gram(grads)  # telemetry only
-        g = grads.to(torch.promote_types(grads.dtype, torch.float32))
+        g = torch.stack(grads).to(torch.promote_types(grads[0].dtype, torch.float32))
         total, total_abs = g.sum(0), g.abs().sum(0)
         purity = torch.where(total_abs > 0, total / torch.where(total_abs > 0, total_abs, torch.ones_like(total_abs)),
                              torch.zeros_like(total))
@@ -51,6 +51,6 @@ class GradDrop(Balancer):
         u = torch.rand(prob.shape, generator=gen, device=g.device, dtype=g.dtype)
         keep = ((prob > u) & (g > 0)) | ((prob < u) & (g < 0))
         leak = self.leak.to(device=g.device, dtype=g.dtype).view((-1,) + (1,) * (g.dim() - 1))
-        self._weights = None
+        self._last.weights = None
         self._advance()
-        return ((leak + (1 - leak) * keep.to(g.dtype)) * g).sum(0).to(grads.dtype)
+        return ((leak + (1 - leak) * keep.to(g.dtype)) * g).sum(0).to(grads[0].dtype)

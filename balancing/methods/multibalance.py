@@ -13,14 +13,16 @@ ema=True, direction="cosine".
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, List, Optional
 
 import torch
 
 from ..base import GramBalancer
+from ..gram import GramRows
 from ..options import check_bool, check_choice, check_float
 from ..registry import register
-from ..simplex import project_simplex
+from ..simplex import project_simplex_values
 
 
 @register("multibalance")
@@ -48,29 +50,28 @@ class MultiBalance(GramBalancer):
         self.register_buffer("lambdas", prior.clone())
         self.register_buffer("ema_norms", torch.zeros(num_tasks, dtype=torch.float64))
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        gram = gram.to(torch.float64)
-        norms = gram.diagonal().clamp_min(0).sqrt()
+    def coefficient_values(self, g: GramRows) -> List[float]:
+        # M x M arithmetic on plain floats: it runs inside every backward pass, where a dozen
+        # tiny tensor operations would cost more than the Gram itself.
+        m = self.num_tasks
+        norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(m)]
         if self.ema:
             if int(self.step) == 0:
-                u = norms.clone()
+                u = norms
             else:
-                u = (1 - self.gamma) * self.ema_norms.to(gram) + self.gamma * norms
-            self.ema_norms.copy_(u)
-            scale = torch.where(norms > 0, u / torch.where(norms > 0, norms, torch.ones_like(norms)),
-                                torch.zeros_like(norms))
+                u = [(1 - self.gamma) * prev + self.gamma * n for prev, n in zip(self.ema_norms.tolist(), norms)]
+            self.ema_norms.copy_(torch.tensor(u, dtype=torch.float64))
+            scale = [ui / n if n > 0 else 0.0 for ui, n in zip(u, norms)]
         else:
-            scale = torch.ones_like(norms)
-        gram_v = scale[:, None] * gram * scale[None, :]
-        lam = self.lambdas.to(gram)
-        mix = lam + self.rho * self.prior.to(gram)
-        d = gram_v @ mix
+            scale = [1.0] * m
+        gram_v = [[scale[i] * g[i][j] * scale[j] for j in range(m)] for i in range(m)]
+        lam = self.lambdas.tolist()
+        mix = [lj + self.rho / m for lj in lam]  # lam + rho * lam0, lam0 = uniform (the `prior` buffer)
+        d = [sum(gram_v[i][j] * mix[j] for j in range(m)) for i in range(m)]  # V_i . (V mix)
         if self.direction == "cosine":
-            v_norms = gram_v.diagonal().clamp_min(0).sqrt()
-            mix_norm = (mix @ gram_v @ mix).clamp_min(0).sqrt()
-            denom = v_norms * mix_norm
-            d = torch.where(denom > 0, d / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                            torch.zeros_like(d))
-        lam = project_simplex(lam - self.beta * d)
-        self.lambdas.copy_(lam)
-        return self.num_tasks * lam * scale
+            mix_norm = math.sqrt(max(sum(mj * dj for mj, dj in zip(mix, d)), 0.0))
+            v_norms = [math.sqrt(max(gram_v[i][i], 0.0)) for i in range(m)]
+            d = [di / (vn * mix_norm) if vn * mix_norm > 0 else 0.0 for di, vn in zip(d, v_norms)]
+        lam = project_simplex_values([lj - self.beta * dj for lj, dj in zip(lam, d)])
+        self.lambdas.copy_(torch.tensor(lam, dtype=torch.float64))
+        return [m * lj * sj for lj, sj in zip(lam, scale)]

@@ -39,11 +39,11 @@ normalize=True, max_iter=100, tol=1e-9, ridge=0.0.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..base import Balancer
+from ..base import Balancer, plain_sum
 from ..distributed import reduce_gram
 from ..gram import cosines_from_gram, local_gram, norms_from_gram
 from ..nash import nash_bargaining_weights
@@ -154,10 +154,9 @@ class PUB(Balancer):
                 alpha = prev.clone()
         return alpha
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
-        m_tasks = grads.shape[0]
-        work = torch.promote_types(grads.dtype, torch.float32)
-        flat = grads.reshape(m_tasks, -1).to(work)
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        work = torch.promote_types(grads[0].dtype, torch.float32)
+        flat = torch.stack([g.reshape(-1) for g in grads]).to(work)
         if self.exp_avg.numel() != flat.shape[1]:
             if int(self.step) != 0:
                 raise ValueError(
@@ -167,8 +166,8 @@ class PUB(Balancer):
             self.reset_state(flat.shape[1], work, flat.device)
         gram_g = reduce_gram(local_gram(flat), self.process_group)
         if not bool(torch.isfinite(gram_g).all()):
-            self._weights = None
-            return grads.sum(0)  # the trainer sees the non-finite gradient; state untouched
+            self._last.weights = None
+            return plain_sum(grads)  # the trainer sees the non-finite gradient; state untouched
         self._grad_norms = norms_from_gram(gram_g).detach()
         self._cosines = cosines_from_gram(gram_g).detach()
         updates = self.task_updates(flat)
@@ -182,9 +181,9 @@ class PUB(Balancer):
         b1, b2 = self.betas
         self.exp_avg.lerp_(g_alpha.to(self.exp_avg), 1.0 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(g_alpha.to(self.exp_avg_sq), g_alpha.to(self.exp_avg_sq), value=1.0 - b2)
-        self._weights = self.alpha.detach().clone()
+        self._last.weights = self.alpha.detach().clone()
         self._advance()
-        return combined.reshape(grads.shape[1:]).to(grads.dtype)
+        return combined.reshape(grads[0].shape).to(grads[0].dtype)
 
     def extra_stats(self) -> Dict[str, Any]:
         """PUB's own numbers for the run summary (identical on every rank)."""

@@ -1,11 +1,11 @@
 """`static`: fixed per-task weights, combined = sum_m w_m g_m."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
-from ..base import Balancer, apply_coefficients
+from ..base import Balancer, weighted_sum
 from ..options import check_per_task
 from ..registry import register
 
@@ -24,8 +24,8 @@ class Static(Balancer):
         w = [1.0] * num_tasks if weights is None else check_per_task("weights", weights, num_tasks, low=0.0)
         self.weights = torch.tensor(w, dtype=torch.float64)
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._global_gram(grads)  # telemetry only
-        self._weights = self.weights.clone()
+        self._last.weights = self.weights.clone()
         self._advance()
-        return apply_coefficients(self.weights, grads)
+        return weighted_sum(self.weights.tolist(), grads)

@@ -12,12 +12,12 @@ averaged over the data-parallel ranks by the trainer.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..base import Balancer
+from ..base import Balancer, plain_sum
 from ..options import check_choice, check_float
 from ..registry import register
 
@@ -49,8 +49,8 @@ class Uncertainty(Balancer):
         total = torch.exp(-s) * losses + s
         return total.sum() if self.variant == "full" else 0.5 * total.sum()
 
-    def _combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._global_gram(grads)  # telemetry only
-        self._weights = self.loss_multipliers()
+        self._last.weights = self.loss_multipliers()
         self._advance()
-        return grads.sum(0)
+        return plain_sum(grads)
