@@ -27,11 +27,7 @@ def gram_rows(grads: TaskGrads) -> GramRows:
     flat = [_flat(g, work) for g in grads]
     m = len(flat)
     pairs = [(i, j) for i in range(m) for j in range(i, m)]
-    products = [torch.dot(flat[i], flat[j]) for i, j in pairs]
-    if flat[0].device.type == "cpu":  # cheaper than stacking them first
-        dots = [p.item() for p in products]
-    else:  # one host synchronisation
-        dots = torch.stack(products).tolist()
+    dots = torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs]).tolist()
     rows = [[0.0] * m for _ in range(m)]
     for (i, j), value in zip(pairs, dots):
         rows[i][j] = rows[j][i] = value

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from balancing import make_balancer
+from tests.state_util import flat_tensors
 
 WORLD, M, B, K, STEPS = 2, 3, 8, 5, 5
 #: float32 gradients: each rank's local Gram is accumulated in float32 (~1e-7 relative), so the
@@ -112,9 +113,11 @@ def test_ranks_agree_with_single_process(distributed_results, key):
             torch.testing.assert_close(res["combined"][step], rows, rtol=1e-5, atol=1e-6)
     assert torch.equal(r0["norms"], r1["norms"])
     torch.testing.assert_close(r0["norms"], ref["norms"], **GRAM_TOL)
-    for name, value in ref["state"].items():
-        assert torch.equal(r0["state"][name], r1["state"][name])
-        torch.testing.assert_close(r0["state"][name], value, **GRAM_TOL)
+    states = [flat_tensors(res["state"]) for res in (r0, r1, ref)]
+    assert states[0].keys() == states[1].keys() == states[2].keys()
+    for name, value in states[2].items():
+        assert torch.equal(states[0][name], states[1][name])
+        torch.testing.assert_close(states[0][name], value, **GRAM_TOL)
 
 
 def test_dbmtl_loss_uses_global_losses(distributed_results):

@@ -68,6 +68,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path):
         assert (b["step"], b["examples"], b["stream"]) == (a["step"], a["examples"], a["stream"]) == (
             STEPS, STEPS * 64, a["stream"])
         assert a["state"].keys() == b["state"].keys()
+        assert any(k.endswith("balancer._extra_state/lambdas") for k in a["state"]), "balancer state not compared"
         for key in a["state"]:
             assert torch.allclose(a["state"][key].float(), b["state"][key].float(), rtol=1e-5, atol=1e-7), key
 

@@ -38,9 +38,9 @@ class CoGrad(Balancer):
         process_group: Optional[Any] = None,
     ) -> None:
         super().__init__(num_tasks, process_group)
-        self.gamma = torch.tensor(check_per_task("gamma", gamma, num_tasks), dtype=torch.float64)
+        self.gamma = tuple(check_per_task("gamma", gamma, num_tasks))
         w = [1.0] * num_tasks if weights is None else check_per_task("weights", weights, num_tasks, low=0.0)
-        self.weights = torch.tensor(w, dtype=torch.float64)
+        self.weights = tuple(w)
         self.form = check_choice("form", form, ("fisher", "algorithm1"))
         self.per_sample = check_bool("per_sample", per_sample)
 
@@ -48,12 +48,13 @@ class CoGrad(Balancer):
         self._global_gram(grads)  # telemetry only
         work = torch.promote_types(grads[0].dtype, torch.float32)
         g = [t if t.dtype == work else t.to(work) for t in grads]
-        w, gamma = self.weights.tolist(), self.gamma.tolist()
+        w, gamma = self.weights, self.gamma
         scale = float(g[0].shape[0] * self._world_size()) if self.per_sample else 1.0
         # sum_i w_i ĝ_i = sum_i w_i g_i - sum_i sum_{j != i} w_i gamma_j H_i g_j, gathered by
         # pairs i < j so that each product g_i ⊙ g_j is formed once:
-        #   fisher:     H_i g_j = scale² g_i ⊙ g_i ⊙ g_j -> (g_i ⊙ g_j) ⊙ (w_i gamma_j g_i + w_j gamma_i g_j) scale²
-        #   algorithm1: H_i g_j = scale g_i ⊙ g_j        -> (g_i ⊙ g_j) (w_i gamma_j + w_j gamma_i) scale
+        #   fisher:     H_i g_j = scale² g_i ⊙ g_i ⊙ g_j
+        #               -> (g_i ⊙ g_j) ⊙ (w_i gamma_j g_i + w_j gamma_i g_j) scale²
+        #   algorithm1: H_i g_j = scale g_i ⊙ g_j -> (g_i ⊙ g_j) (w_i gamma_j + w_j gamma_i) scale
         out = weighted_sum(w, g)
         for i in range(self.num_tasks):
             for j in range(i + 1, self.num_tasks):
@@ -63,6 +64,6 @@ class CoGrad(Balancer):
                     out.addcmul_(both, g[j], value=-scale * scale * w[j] * gamma[i])
                 else:
                     out.add_(both, alpha=-scale * (w[i] * gamma[j] + w[j] * gamma[i]))
-        self._last.weights = self.weights.clone()
+        self._last.weights = self.weights
         self._advance()
         return out.to(grads[0].dtype)

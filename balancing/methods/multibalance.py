@@ -14,7 +14,7 @@ ema=True, direction="cosine".
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -25,9 +25,22 @@ from ..registry import register
 from ..simplex import project_simplex_values
 
 
+class _State:
+    """MultiBalance's 2M numbers as plain floats: read and written in every backward pass,
+    where each tensor operation costs more than the arithmetic. Not an nn.Module attribute
+    store (slow to set); checkpointed through `MultiBalance.get_extra_state`."""
+
+    __slots__ = ("lambdas", "ema_norms")
+
+    def __init__(self, num_tasks: int) -> None:
+        self.lambdas: List[float] = [1.0 / num_tasks] * num_tasks
+        self.ema_norms: Optional[List[float]] = None  # None until the first step observes norms
+
+
 @register("multibalance")
 class MultiBalance(GramBalancer):
-    """MultiBalance (see module docstring). State: ``ema_norms`` u, ``lambdas`` lam."""
+    """MultiBalance (see module docstring). State: ``lambdas`` lam and ``ema_norms`` u, in
+    ``state_dict()`` under ``_extra_state``."""
 
     def __init__(
         self,
@@ -45,33 +58,57 @@ class MultiBalance(GramBalancer):
         self.gamma = check_float("gamma", gamma, low=0.0, high=1.0)
         self.ema = check_bool("ema", ema)
         self.direction = check_choice("direction", direction, ("cosine", "gradient"))
-        prior = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
-        self.register_buffer("prior", prior)
-        self.register_buffer("lambdas", prior.clone())
-        self.register_buffer("ema_norms", torch.zeros(num_tasks, dtype=torch.float64))
+        self._state = _State(num_tasks)
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        """Current simplex weights lam [M] (float64, a copy)."""
+        return torch.tensor(self._state.lambdas, dtype=torch.float64)
+
+    @property
+    def ema_norms(self) -> torch.Tensor:
+        """EMA of the per-task gradient norms u [M] (float64, a copy; zeros before step 1)."""
+        return torch.tensor(self._state.ema_norms or [0.0] * self.num_tasks, dtype=torch.float64)
+
+    def get_extra_state(self) -> Dict[str, torch.Tensor]:
+        return {
+            "lambdas": self.lambdas,
+            "ema_norms": self.ema_norms,
+            "ema_started": torch.tensor(self._state.ema_norms is not None),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or {"lambdas", "ema_norms", "ema_started"} - set(state):
+            raise ValueError("multibalance: saved state needs 'lambdas', 'ema_norms' and 'ema_started'")
+        lam, ema = state["lambdas"].tolist(), state["ema_norms"].tolist()
+        if len(lam) != self.num_tasks or len(ema) != self.num_tasks:
+            raise ValueError(
+                f"multibalance: saved state is for {len(lam)} tasks, this balancer has {self.num_tasks}"
+            )
+        self._state.lambdas = [float(x) for x in lam]
+        self._state.ema_norms = [float(x) for x in ema] if bool(state["ema_started"]) else None
 
     def coefficient_values(self, g: GramRows) -> List[float]:
-        # M x M arithmetic on plain floats: it runs inside every backward pass, where a dozen
-        # tiny tensor operations would cost more than the Gram itself.
-        m = self.num_tasks
+        # M x M arithmetic on plain floats (see _State).
+        m, state = self.num_tasks, self._state
         norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(m)]
         if self.ema:
-            if int(self.step) == 0:
+            if state.ema_norms is None:
                 u = norms
             else:
-                u = [(1 - self.gamma) * prev + self.gamma * n for prev, n in zip(self.ema_norms.tolist(), norms)]
-            self.ema_norms.copy_(torch.tensor(u, dtype=torch.float64))
+                u = [(1 - self.gamma) * prev + self.gamma * n for prev, n in zip(state.ema_norms, norms)]
+            state.ema_norms = u
             scale = [ui / n if n > 0 else 0.0 for ui, n in zip(u, norms)]
         else:
             scale = [1.0] * m
         gram_v = [[scale[i] * g[i][j] * scale[j] for j in range(m)] for i in range(m)]
-        lam = self.lambdas.tolist()
-        mix = [lj + self.rho / m for lj in lam]  # lam + rho * lam0, lam0 = uniform (the `prior` buffer)
+        lam = state.lambdas
+        mix = [lj + self.rho / m for lj in lam]  # lam + rho * lam0, lam0 = uniform
         d = [sum(gram_v[i][j] * mix[j] for j in range(m)) for i in range(m)]  # V_i . (V mix)
         if self.direction == "cosine":
             mix_norm = math.sqrt(max(sum(mj * dj for mj, dj in zip(mix, d)), 0.0))
             v_norms = [math.sqrt(max(gram_v[i][i], 0.0)) for i in range(m)]
             d = [di / (vn * mix_norm) if vn * mix_norm > 0 else 0.0 for di, vn in zip(d, v_norms)]
         lam = project_simplex_values([lj - self.beta * dj for lj, dj in zip(lam, d)])
-        self.lambdas.copy_(torch.tensor(lam, dtype=torch.float64))
+        state.lambdas = lam
         return [m * lj * sj for lj, sj in zip(lam, scale)]

@@ -22,10 +22,10 @@ class Static(Balancer):
     ) -> None:
         super().__init__(num_tasks, process_group)
         w = [1.0] * num_tasks if weights is None else check_per_task("weights", weights, num_tasks, low=0.0)
-        self.weights = torch.tensor(w, dtype=torch.float64)
+        self.weights = tuple(w)
 
     def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._global_gram(grads)  # telemetry only
-        self._last.weights = self.weights.clone()
+        self._last.weights = self.weights
         self._advance()
-        return weighted_sum(self.weights.tolist(), grads)
+        return weighted_sum(self.weights, grads)
