@@ -38,6 +38,10 @@ def test_bench_qps_writes_consistent_tables(tiny_dataset, tmp_path):
         assert r["qps"] == pytest.approx(64 / (r["median_step_ms"] / 1e3))
         assert r["qps_ratio"] == pytest.approx(equal["median_step_ms"] / r["median_step_ms"])
         assert 0.0 < r["balance_share"] < 1.0
+        assert len(r["round_median_ms"]) == 2
+        ratios = sorted(e / own for e, own in zip(equal["round_median_ms"], r["round_median_ms"]))
+        assert r["paired_ratio"] == pytest.approx(sum(ratios) / 2)
+        assert r["paired_ratio_q1"] <= r["paired_ratio"] <= r["paired_ratio_q3"]
     assert (out / "qps.md").read_text().count("| multibalance |") == 2
     assert (out / "qps.png").stat().st_size > 0
     assert "round 3/3 (measured)" in proc.stdout

@@ -39,6 +39,10 @@ class QpsRow:
     qps: float
     qps_ratio: float  # to equal weights at the representation level (no balancing work)
     balance_share: float  # time inside the balance point / step time
+    round_median_ms: list[float]  # median step of each measured round
+    paired_ratio: float  # median over rounds of (equal's round median / this round median)
+    paired_ratio_q1: float  # quartiles of those per-round ratios: the spread drift leaves
+    paired_ratio_q3: float
 
 
 def variant_config(base: dict[str, Any], variant: Variant) -> Config:
@@ -57,6 +61,7 @@ def measure(
         trainers = {v.name: Trainer(variant_config(base, v), env, output_dir / v.name) for v in variants}
         times: dict[str, list[float]] = {v.name: [] for v in variants}
         balance: dict[str, list[float]] = {v.name: [] for v in variants}
+        rounds_ms: dict[str, list[float]] = {v.name: [] for v in variants}
         for r in range(warmup_rounds + rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate who goes first
             for v in order:
@@ -69,6 +74,8 @@ def measure(
                     if r >= warmup_rounds:
                         times[v.name].append(elapsed)
                         balance[v.name].append(result.balance_seconds)
+                if r >= warmup_rounds:
+                    rounds_ms[v.name].append(1e3 * statistics.median(times[v.name][-steps_per_round:]))
             phase = "warm-up" if r < warmup_rounds else "measured"
             log(f"round {r + 1}/{warmup_rounds + rounds} ({phase}): " + "  ".join(
                 f"{v.name} {1e3 * statistics.median(times[v.name]):.2f}ms" for v in variants if times[v.name]
@@ -81,14 +88,24 @@ def measure(
     rows = []
     for v in variants:
         t = times[v.name]
+        ratios = paired_ratios(rounds_ms[reference], rounds_ms[v.name]) if reference in rounds_ms else [float("nan")]
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
         rows.append(QpsRow(
             method=v.method, level=v.level, steps_measured=len(t),
             median_step_ms=1e3 * medians[v.name], min_step_ms=1e3 * min(t), max_step_ms=1e3 * max(t),
             qps=batch_size / medians[v.name],
             qps_ratio=medians[reference] / medians[v.name] if reference in medians else float("nan"),
             balance_share=sum(balance[v.name]) / sum(t),
+            round_median_ms=rounds_ms[v.name], paired_ratio=statistics.median(ratios),
+            paired_ratio_q1=q1, paired_ratio_q3=q3,
         ))
     return rows
+
+
+def paired_ratios(reference_ms: list[float], variant_ms: list[float]) -> list[float]:
+    """Per-round QPS ratio to the reference: the variants share each round's machine state,
+    so the round-to-round drift (here +-30%) cancels in the ratio."""
+    return [ref / own for ref, own in zip(reference_ms, variant_ms)]
 
 
 def write_report(rows: list[QpsRow], meta: dict[str, Any], output_dir: Path) -> None:
@@ -103,13 +120,15 @@ def format_table(rows: list[QpsRow], meta: dict[str, Any]) -> str:
         f"QPS at global batch {meta['global_batch_size']}, model {meta['model']}, {meta['threads']} thread(s), "
         f"{meta['rounds']} measured rounds x {meta['steps_per_round']} steps (medians)",
         "",
-        "| method | level | median step (ms) | min / max (ms) | QPS | QPS / equal | time in balance point |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | level | median step (ms) | min / max (ms) | QPS | QPS / equal | paired per round [q1, q3] "
+        "| time in balance point |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r.method} | {r.level} | {r.median_step_ms:.2f} | {r.min_step_ms:.2f} / {r.max_step_ms:.2f} | "
-            f"{r.qps:,.0f} | {r.qps_ratio:.3f} | {100 * r.balance_share:.2f}% |"
+            f"{r.qps:,.0f} | {r.qps_ratio:.3f} | {r.paired_ratio:.3f} [{r.paired_ratio_q1:.3f}, "
+            f"{r.paired_ratio_q3:.3f}] | {100 * r.balance_share:.2f}% |"
         )
     return "\n".join(lines)
 
@@ -122,10 +141,13 @@ def plot(rows: list[QpsRow], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.2))
     labels = [f"{r.method}\n{r.level[:5]}" for r in rows]
-    ax.bar(labels, [r.qps_ratio for r in rows], color=["C0" if r.level == "representation" else "C3" for r in rows])
+    ratios = [r.paired_ratio for r in rows]
+    spread = [[r.paired_ratio - r.paired_ratio_q1 for r in rows], [r.paired_ratio_q3 - r.paired_ratio for r in rows]]
+    ax.bar(labels, ratios, yerr=spread, capsize=3,
+           color=["C0" if r.level == "representation" else "C3" for r in rows])
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_ylabel("QPS / equal")
-    ax.set_title("QPS ratio to equal weights")
+    ax.set_ylabel("QPS / equal (per round)")
+    ax.set_title("QPS ratio to equal weights: median, quartiles")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
