@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from trainer.allocator import keep_freed_memory
 from trainer.config import config_from_dict
 from trainer.distributed import init_distributed, shutdown_distributed
 
@@ -27,6 +28,7 @@ def quiet_libraries() -> None:
 
 def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
     quiet_libraries()
+    keep_freed_memory()
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_rank)
     env = init_distributed()

@@ -92,6 +92,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         from trainer.bench.quality import run_quality
 
         return run_quality(args)
+    from trainer.allocator import keep_freed_memory
     from trainer.preflight import preflight
     from trainer.worker import quiet_libraries
 
@@ -102,12 +103,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
         preflight(variant_config(cfg.to_dict(), v), world_size=1)
     quiet_libraries()
+    tuned = keep_freed_memory()
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     rows = measure(cfg.to_dict(), variants, args.rounds, args.steps_per_round, args.warmup_rounds, out / "runs")
     meta = {"global_batch_size": cfg.data.global_batch_size, "model": cfg.model.kind, "threads": args.threads,
             "rounds": args.rounds, "steps_per_round": args.steps_per_round, "warmup_rounds": args.warmup_rounds,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "keep_freed_memory": tuned}
     write_report(rows, meta, out)
     print(format_table(rows, meta))
     print(f"\nwritten: {out / 'qps.json'}, {out / 'qps.md'}, {out / 'qps.png'}")
