@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .distributed import reduce_gram, world_size
-from .gram import GRAM_DTYPE, GramRows, TaskGrads, cosines_from_gram, gram_rows, norms_from_gram
+from .gram import GRAM_DTYPE, GramRows, TaskGrad, TaskGrads, cosines_from_gram, gram_rows, norms_from_gram, pieces
 
 
 class LastStep:
@@ -42,6 +42,10 @@ class Balancer(nn.Module):
 
     #: registry name, set by `balancing.registry.register`
     method_name: str = ""
+    #: True when `_combine` accepts gradients in pieces (see `combine`), using only the
+    #: piece-aware helpers (`gram_rows`, `weighted_sum`, `plain_sum`) or working piece by
+    #: piece; otherwise `combine` concatenates the pieces for it and splits the result.
+    supports_pieces: bool = False
 
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__()
@@ -61,14 +65,27 @@ class Balancer(nn.Module):
         """Scalar to call ``.backward()`` on, from the per-task losses [M]. Default: their sum."""
         return self._check_losses(losses).sum()
 
-    def combine(self, grads: TaskGrads) -> torch.Tensor:
+    def combine(self, grads: TaskGrads) -> TaskGrad:
         """Combined gradient [*shape] from the per-task gradients: ``grads`` [M, *shape] or a
-        sequence of M tensors [*shape]."""
-        tasks = tuple(g.detach() if g.requires_grad else g for g in self._check_grads(grads))
+        sequence of M tensors [*shape]. With several shared inputs, task m's gradient may
+        come in pieces, ``grads[m] = (piece_1, ..., piece_P)`` (each [B, ...], the same
+        shapes for every task); the result is then the tuple of combined pieces, as if the
+        pieces had been flattened and concatenated, without that copy."""
+        tasks = self._check_grads(grads)
         if not torch.is_grad_enabled():  # inside a backward pass: already off
-            return self._combine(tasks)
+            return self._dispatch(tasks)
         with torch.no_grad():
+            return self._dispatch(tasks)
+
+    def _dispatch(self, tasks: Tuple[TaskGrad, ...]) -> TaskGrad:
+        if not isinstance(tasks[0], tuple) or self.supports_pieces:
             return self._combine(tasks)
+        first = tasks[0]
+        batch = first[0].shape[0]
+        flat = tuple(torch.cat([p.reshape(batch, -1) for p in task], dim=1) for task in tasks)
+        combined = self._combine(flat)
+        widths = [math.prod(p.shape[1:]) for p in first]
+        return tuple(c.reshape(p.shape) for c, p in zip(combined.split(widths, dim=1), first))
 
     def stats(self) -> Dict[str, Optional[torch.Tensor]]:
         """Last step's global-batch telemetry: ``weights`` [M] or None, ``grad_norms`` [M],
@@ -94,12 +111,12 @@ class Balancer(nn.Module):
     def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _global_gram(self, grads: Sequence[torch.Tensor]) -> GramRows:
+    def _global_gram(self, grads: Sequence[TaskGrad]) -> GramRows:
         """Global-batch Gram as M rows of floats (kept for the telemetry): the local Gram, summed
         over the data-parallel ranks when there are several."""
         gram = gram_rows(grads)
         if self._world_size() > 1:
-            local = torch.tensor(gram, dtype=GRAM_DTYPE, device=grads[0].device)
+            local = torch.tensor(gram, dtype=GRAM_DTYPE, device=pieces(grads[0])[0].device)
             gram = reduce_gram(local, self.process_group).tolist()
         self._last.gram = gram
         return gram
@@ -115,35 +132,38 @@ class Balancer(nn.Module):
         self.step.add_(1)
 
     # ----------------------------------------------------------------- checks
-    def _check_grads(self, grads: TaskGrads) -> Tuple[torch.Tensor, ...]:
-        """The M per-task gradients as a tuple, after checking count, shape and dtype."""
+    def _check_grads(self, grads: TaskGrads) -> Tuple[TaskGrad, ...]:
+        """The M per-task gradients as a tuple (detached), after checking count, shapes and
+        dtype."""
         if isinstance(grads, torch.Tensor):
             if grads.dim() < 2 or grads.shape[0] != self.num_tasks:
                 raise ValueError(
                     f"grads must have shape [M={self.num_tasks}, batch, ...] for method "
                     f"{self.method_name!r}, got shape {list(grads.shape)}"
                 )
-            tasks = grads.unbind(0)
-        elif isinstance(grads, (tuple, list)) and all(isinstance(g, torch.Tensor) for g in grads):
-            if len(grads) != self.num_tasks:
-                raise ValueError(
-                    f"grads must hold M={self.num_tasks} per-task gradients for method "
-                    f"{self.method_name!r}, got {len(grads)}"
-                )
-            tasks = tuple(grads)
-            first = tasks[0]
-            if first.dim() < 1 or any(g.shape != first.shape or g.dtype != first.dtype for g in tasks):
-                raise ValueError(
-                    "per-task gradients must share one shape [batch, ...] and dtype, got "
-                    f"{[(list(g.shape), str(g.dtype)) for g in tasks]}"
-                )
-        else:
+            if not grads.is_floating_point():
+                raise ValueError(f"grads must be floating-point, got dtype {grads.dtype}")
+            return grads.detach().unbind(0)
+        if not isinstance(grads, (tuple, list)) or len(grads) != self.num_tasks:
+            got = len(grads) if isinstance(grads, (tuple, list)) else type(grads).__name__
             raise ValueError(
-                f"grads must be a tensor [M, batch, ...] or a sequence of M tensors, got {type(grads).__name__}"
+                f"grads must be a tensor [M={self.num_tasks}, batch, ...] or a sequence of M={self.num_tasks} "
+                f"per-task gradients for method {self.method_name!r}, got {got}"
             )
-        if not tasks[0].is_floating_point():
-            raise ValueError(f"grads must be floating-point, got dtype {tasks[0].dtype}")
-        return tasks
+        tasks = tuple(tuple(g) if isinstance(g, (tuple, list)) else (g,) for g in grads)
+        first = tasks[0]
+        if not first or not all(isinstance(p, torch.Tensor) and p.dim() >= 1 for task in tasks for p in task):
+            raise ValueError("each per-task gradient must be a tensor [batch, ...] or a tuple of them")
+        if any(len(task) != len(first) or any(p.shape != q.shape or p.dtype != q.dtype for p, q in zip(task, first))
+               for task in tasks) or len({p.shape[0] for p in first}) != 1:
+            raise ValueError(
+                "per-task gradients must share their shapes [batch, ...] (one batch size) and dtype, got "
+                f"{[[(list(p.shape), str(p.dtype)) for p in task] for task in tasks]}"
+            )
+        if not first[0].is_floating_point():
+            raise ValueError(f"grads must be floating-point, got dtype {first[0].dtype}")
+        detached = tuple(tuple(p.detach() if p.requires_grad else p for p in task) for task in tasks)
+        return detached if isinstance(grads[0], (tuple, list)) else tuple(task[0] for task in detached)
 
     def _check_losses(self, losses: torch.Tensor) -> torch.Tensor:
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.num_tasks,):
@@ -154,8 +174,11 @@ class Balancer(nn.Module):
         return losses
 
 
-def weighted_sum(coef: Sequence[float], grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_m coef_m * grads[m]`` on the LOCAL gradients (accumulated in float32 at least)."""
+def weighted_sum(coef: Sequence[float], grads: Sequence[TaskGrad]) -> TaskGrad:
+    """``sum_m coef_m * grads[m]`` on the LOCAL gradients (accumulated in float32 at least);
+    piece by piece for gradients in pieces."""
+    if isinstance(grads[0], tuple):
+        return tuple(weighted_sum(coef, [g[k] for g in grads]) for k in range(len(grads[0])))
     work = torch.promote_types(grads[0].dtype, torch.float32)
     out = grads[0].to(work) * float(coef[0])
     for c, g in zip(coef[1:], grads[1:]):
@@ -163,8 +186,11 @@ def weighted_sum(coef: Sequence[float], grads: Sequence[torch.Tensor]) -> torch.
     return out.to(grads[0].dtype)
 
 
-def plain_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_m grads[m]`` added task by task, as autograd accumulates (a new tensor)."""
+def plain_sum(grads: Sequence[TaskGrad]) -> TaskGrad:
+    """``sum_m grads[m]`` added task by task, as autograd accumulates (a new tensor; piece
+    by piece for gradients in pieces)."""
+    if isinstance(grads[0], tuple):
+        return tuple(plain_sum([g[k] for g in grads]) for k in range(len(grads[0])))
     out = grads[0].clone() if len(grads) == 1 else torch.add(grads[0], grads[1])
     for g in grads[2:]:
         out.add_(g)
@@ -186,6 +212,8 @@ class GramBalancer(Balancer):
     gradient and can skip the step.
     """
 
+    supports_pieces = True
+
     def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -193,7 +221,7 @@ class GramBalancer(Balancer):
         """The M coefficients as floats from the Gram rows; default: `coefficients`."""
         return self.coefficients(torch.tensor(gram, dtype=GRAM_DTYPE)).detach().tolist()
 
-    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
         gram = self._global_gram(grads)
         if not gram_is_finite(gram):
             self._last.weights = None

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import Balancer
+from .gram import TaskGrad
 
 Shared = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -45,30 +46,20 @@ class _BalanceFunction(torch.autograd.Function):
         n, m = len(ctx.shapes), ctx.balancer.num_tasks
         per_task = [_task_gradient(grads[task * n:(task + 1) * n], ctx) for task in range(m)]
         combined = ctx.balancer.combine(per_task)
-        if n == 1:
-            outs = [combined if combined.dtype == ctx.dtypes[0] else combined.to(ctx.dtypes[0])]
-        else:
-            widths = [shape[1:].numel() for shape in ctx.shapes]
-            pieces = combined.split(widths, dim=1)
-            outs = [p.reshape(shape).to(dt) for p, shape, dt in zip(pieces, ctx.shapes, ctx.dtypes)]
+        pieces = combined if n > 1 else (combined,)
+        outs = [p if p.dtype == dt else p.to(dt) for p, dt in zip(pieces, ctx.dtypes)]
         ctx.timing.seconds = time.perf_counter() - start
         return (None, *outs)
 
 
-def _task_gradient(grads: Sequence[Optional[torch.Tensor]], ctx: Any) -> torch.Tensor:
-    """One task's gradient w.r.t. the shared inputs: as received for a single input (no copy),
-    else the inputs' gradients flattened to [B, K_i] and concatenated to [B, sum K_i]; zeros
-    for a copy the task did not read."""
-    if len(grads) == 1 and grads[0] is not None and grads[0].dtype == ctx.work:
-        return grads[0]
-    filled = [
+def _task_gradient(grads: Sequence[Optional[torch.Tensor]], ctx: Any) -> TaskGrad:
+    """One task's gradient w.r.t. the shared inputs, as received (no copy): a tensor for one
+    input, a tuple of pieces for several; zeros for a copy the task did not read."""
+    filled = tuple(
         torch.zeros(shape, dtype=ctx.work, device=ctx.device) if g is None else g.to(ctx.work)
         for g, shape in zip(grads, ctx.shapes)
-    ]
-    if len(filled) == 1:
-        return filled[0]
-    batch = ctx.shapes[0][0]
-    return torch.cat([g.reshape(batch, -1) for g in filled], dim=1)
+    )
+    return filled[0] if len(filled) == 1 else filled
 
 
 class BalancePoint(nn.Module):
@@ -76,8 +67,8 @@ class BalancePoint(nn.Module):
 
     ``point(h)`` returns a tuple of M tensors equal to ``h`` (views: do not modify them in
     place); ``point((a, b))`` returns M tuples ``(a_m, b_m)``. In backward the M gradients
-    (zeros for a copy a task did not read; for several inputs each task's gradients flattened
-    to [B, K] and concatenated) are combined by ``balancer.combine`` and returned upstream, so the
+    (zeros for a copy a task did not read; for several inputs, each task's gradient in
+    pieces, one per input) are combined by ``balancer.combine`` and returned upstream, so the
     one ordinary backward continues with the balanced gradient. Inputs that do not require
     grad (or grad mode off) are passed through unchanged. All inputs share batch dim 0.
     """

@@ -218,3 +218,41 @@ def test_non_finite_gram_leaves_state_untouched():
     assert after.keys() == before.keys() and "_extra_state.lambdas" in after
     for k, v in after.items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_gradients_in_pieces_equal_the_concatenated_gradient(name):
+    """combine((a_m, b_m) per task) == combine(cat(a_m, b_m)) split back, for every method:
+    the piece-aware methods skip the concatenation, the others get it done for them."""
+    gen = torch.Generator().manual_seed(11)
+    opts = _STATEFUL_OPTIONS.get(name, {})
+    in_pieces, concatenated = make_balancer(name, 3, **opts), make_balancer(name, 3, **opts)
+    scale = torch.tensor([1.0, 3.0, 0.3], dtype=torch.float64).view(3, 1, 1)
+    for _ in range(4):
+        a = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64) * scale  # [M, B, 4]
+        b = torch.randn(3, 6, 2, 5, generator=gen, dtype=torch.float64) * scale.unsqueeze(-1)  # [M, B, 2, 5]
+        got = in_pieces.combine([(a[m], b[m]) for m in range(3)])
+        flat = concatenated.combine(torch.cat([a, b.reshape(3, 6, 10)], dim=2))
+        assert isinstance(got, tuple) and got[0].shape == (6, 4) and got[1].shape == (6, 2, 5)
+        torch.testing.assert_close(got[0], flat[:, :4], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], flat[:, 4:].reshape(6, 2, 5), rtol=1e-12, atol=1e-12)
+        for key, value in concatenated.stats().items():
+            other = in_pieces.stats()[key]
+            assert (value is None) == (other is None)
+            if value is not None:
+                torch.testing.assert_close(other, value, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_gradient_pieces():
+    bal = make_balancer("multibalance", 2)
+    a, b = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="share their shapes"):
+        bal.combine([(a, b), (a, a)])  # piece 2 differs between tasks
+    with pytest.raises(ValueError, match="share their shapes"):
+        bal.combine([(a, b), (a,)])  # task 2 has fewer pieces
+    with pytest.raises(ValueError, match="share their shapes"):
+        bal.combine([(a, torch.randn(5, 2)), (a, torch.randn(5, 2))])  # two batch sizes
+    with pytest.raises(ValueError, match="M=2"):
+        bal.combine([(a, b)])
+    with pytest.raises(ValueError, match="tuple of them"):
+        bal.combine([(a, "b"), (a, b)])

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 
 from ..base import Balancer, weighted_sum
+from ..gram import TaskGrad
 from ..options import check_bool, check_choice, check_per_task
 from ..registry import register
 
@@ -27,6 +28,8 @@ from ..registry import register
 @register("cograd")
 class CoGrad(Balancer):
     """CoGrad (see module docstring). Stateless apart from the step counter."""
+
+    supports_pieces = True
 
     def __init__(
         self,
@@ -44,8 +47,18 @@ class CoGrad(Balancer):
         self.form = check_choice("form", form, ("fisher", "algorithm1"))
         self.per_sample = check_bool("per_sample", per_sample)
 
-    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
         self._global_gram(grads)  # telemetry only
+        if isinstance(grads[0], tuple):  # element-wise: piece by piece
+            out: TaskGrad = tuple(self._corrected([g[k] for g in grads]) for k in range(len(grads[0])))
+        else:
+            out = self._corrected(grads)
+        self._last.weights = self.weights
+        self._advance()
+        return out
+
+    def _corrected(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """sum_i w_i ĝ_i for per-task tensors of one shape [B, ...]."""
         work = torch.promote_types(grads[0].dtype, torch.float32)
         g = [t if t.dtype == work else t.to(work) for t in grads]
         w, gamma = self.weights, self.gamma
@@ -64,6 +77,4 @@ class CoGrad(Balancer):
                     out.addcmul_(both, g[j], value=-scale * scale * w[j] * gamma[i])
                 else:
                     out.add_(both, alpha=-scale * (w[i] * gamma[j] + w[j] * gamma[i]))
-        self._last.weights = self.weights
-        self._advance()
         return out.to(grads[0].dtype)

@@ -6,6 +6,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..base import Balancer, plain_sum
+from ..gram import TaskGrad
 from ..registry import register
 
 
@@ -14,11 +15,13 @@ class Equal(Balancer):
     """Sum of the per-task gradients; weights = ones. Bitwise equal to summing the losses for
     two tasks (autograd's own accumulation order is used for nothing else)."""
 
+    supports_pieces = True
+
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
         self._ones = torch.ones(num_tasks, dtype=torch.float64)
 
-    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
         self._global_gram(grads)  # telemetry only
         self._last.weights = self._ones
         self._advance()

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from ..base import Balancer, weighted_sum
+from ..gram import TaskGrad
 from ..options import check_per_task
 from ..registry import register
 
@@ -13,6 +14,8 @@ from ..registry import register
 @register("static")
 class Static(Balancer):
     """Fixed weights (option ``weights``: M finite numbers >= 0; default all ones)."""
+
+    supports_pieces = True
 
     def __init__(
         self,
@@ -24,7 +27,7 @@ class Static(Balancer):
         w = [1.0] * num_tasks if weights is None else check_per_task("weights", weights, num_tasks, low=0.0)
         self.weights = tuple(w)
 
-    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
         self._global_gram(grads)  # telemetry only
         self._last.weights = self.weights
         self._advance()

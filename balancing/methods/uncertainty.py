@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..base import Balancer, plain_sum
+from ..gram import TaskGrad
 from ..options import check_choice, check_float
 from ..registry import register
 
@@ -25,6 +26,8 @@ from ..registry import register
 @register("uncertainty")
 class Uncertainty(Balancer):
     """Learned log-variance weights in `loss()`; combine = sum (see module docstring)."""
+
+    supports_pieces = True
 
     def __init__(
         self,
@@ -49,7 +52,7 @@ class Uncertainty(Balancer):
         total = torch.exp(-s) * losses + s
         return total.sum() if self.variant == "full" else 0.5 * total.sum()
 
-    def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
         self._global_gram(grads)  # telemetry only
         self._last.weights = self.loss_multipliers()
         self._advance()
