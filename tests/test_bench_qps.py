@@ -38,6 +38,7 @@ def test_bench_qps_writes_consistent_tables(tiny_dataset, tmp_path):
         assert r["qps"] == pytest.approx(64 / (r["median_step_ms"] / 1e3))
         assert r["qps_ratio"] == pytest.approx(equal["median_step_ms"] / r["median_step_ms"])
         assert 0.0 < r["balance_share"] < 1.0
+        assert 0.0 < r["balance_median_us"] < 1e3 * r["max_step_ms"]
         assert len(r["round_median_ms"]) == 2
         ratios = sorted(e / own for e, own in zip(equal["round_median_ms"], r["round_median_ms"]))
         assert r["paired_ratio"] == pytest.approx(sum(ratios) / 2)

@@ -39,6 +39,7 @@ class QpsRow:
     qps: float
     qps_ratio: float  # to equal weights at the representation level (no balancing work)
     balance_share: float  # time inside the balance point / step time
+    balance_median_us: float  # median time inside the balance point per step
     round_median_ms: list[float]  # median step of each measured round
     paired_ratio: float  # median over rounds of (equal's round median / this round median)
     paired_ratio_q1: float  # quartiles of those per-round ratios: the spread drift leaves
@@ -96,6 +97,7 @@ def measure(
             qps=batch_size / medians[v.name],
             qps_ratio=medians[reference] / medians[v.name] if reference in medians else float("nan"),
             balance_share=sum(balance[v.name]) / sum(t),
+            balance_median_us=1e6 * statistics.median(balance[v.name]),
             round_median_ms=rounds_ms[v.name], paired_ratio=statistics.median(ratios),
             paired_ratio_q1=q1, paired_ratio_q3=q3,
         ))
@@ -121,14 +123,14 @@ def format_table(rows: list[QpsRow], meta: dict[str, Any]) -> str:
         f"{meta['rounds']} measured rounds x {meta['steps_per_round']} steps (medians)",
         "",
         "| method | level | median step (ms) | min / max (ms) | QPS | QPS / equal | paired per round [q1, q3] "
-        "| time in balance point |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| time in balance point | per step (µs) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r.method} | {r.level} | {r.median_step_ms:.2f} | {r.min_step_ms:.2f} / {r.max_step_ms:.2f} | "
             f"{r.qps:,.0f} | {r.qps_ratio:.3f} | {r.paired_ratio:.3f} [{r.paired_ratio_q1:.3f}, "
-            f"{r.paired_ratio_q3:.3f}] | {100 * r.balance_share:.2f}% |"
+            f"{r.paired_ratio_q3:.3f}] | {100 * r.balance_share:.2f}% | {r.balance_median_us:,.0f} |"
         )
     return "\n".join(lines)
 
