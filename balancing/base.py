@@ -78,6 +78,7 @@ class Balancer(nn.Module):
             return self._dispatch(tasks)
 
     def _dispatch(self, tasks: Tuple[TaskGrad, ...]) -> TaskGrad:
+        """`_combine`, concatenating gradients in pieces for methods that need one tensor."""
         if not isinstance(tasks[0], tuple) or self.supports_pieces:
             return self._combine(tasks)
         first = tasks[0]

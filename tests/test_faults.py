@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.distributed_util import run_ranks
+from tests.state_util import flat_tensors
 from tests.test_cli_train import ROOT, tiny_overrides
 from tests.test_sharded_equivalence import tiny_config
 
@@ -133,17 +134,22 @@ def nonfinite_run(config: dict, out_dir: str, poison_rank: int) -> dict:
     env = init_distributed()
     trainer = Trainer(config_from_dict(config), env, Path(out_dir))
     trainer.fit(until_step=2)
-    before = {k: v.clone() for k, v in trainer.ranker.state_dict().items() if not hasattr(v, "local_shards")}
+    def dense_state() -> dict[str, torch.Tensor]:
+        """Everything but the sharded tables: dense parameters, buffers, the balancer's state."""
+        return flat_tensors({k: v for k, v in trainer.ranker.state_dict().items() if not hasattr(v, "local_shards")})
+
+    before = {k: v.clone() for k, v in dense_state().items()}
+    assert any("balancer._extra_state" in k for k in before)  # MultiBalance's lambdas and EMA are compared too
     shards_before = [s.tensor.clone() for v in trainer.model.state_dict().values() if hasattr(v, "local_shards")
                      for s in v.local_shards()]
     batch = next(trainer.stream)
     if env.rank == poison_rank:
         batch.dense[0, 0] = float("nan")
     result = trainer.train_step(batch)
-    after = {k: v for k, v in trainer.ranker.state_dict().items() if not hasattr(v, "local_shards")}
+    after = dense_state()
     shards_after = [s.tensor for v in trainer.model.state_dict().values() if hasattr(v, "local_shards")
                     for s in v.local_shards()]
-    unchanged = all(torch.equal(before[k], after[k]) for k in before) and all(
+    unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before) and all(
         torch.equal(a, b) for a, b in zip(shards_before, shards_after))
     # then the limit: every batch poisoned until the run saves and stops
     trainer.stream = PoisonedStream(trainer.stream)
