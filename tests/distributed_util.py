@@ -10,10 +10,10 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from trainer.distributed import free_port
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> dict[int, Any]:
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, max_restarts: int = 0) -> dict[int, Any]:
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=f"test-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=max_restarts,
         monitor_interval=0.2, start_method="spawn",
     )
     return elastic_launch(config, fn)(*args)

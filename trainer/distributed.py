@@ -40,8 +40,25 @@ def init_distributed() -> DistEnv:
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=collective_timeout())
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=collective_timeout(),
+                                store=attempt_store(world_size))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def attempt_store(world_size: int) -> dist.Store | None:
+    """The job's key-value store, namespaced by restart attempt, when torchelastic shares its
+    agent's TCPStore with the workers (its default); None otherwise (env:// as usual).
+
+    That store outlives a failed attempt, and torch does not prefix the workers' keys per
+    attempt, so a restarted rank could read the dead ranks' gloo addresses and connect to a
+    dead peer ("connectFullMesh ... Connection refused") or hang in ProcessGroupGloo's
+    constructor (seen after a SIGKILL + restart). A prefix per TORCHELASTIC_RESTART_COUNT
+    gives every attempt fresh keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                           is_master=False, timeout=collective_timeout())
+    return dist.PrefixStore(f"recbalance/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", shared)
 
 
 def collective_timeout() -> timedelta:

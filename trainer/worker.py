@@ -1,9 +1,11 @@
 """What every rank runs: join the process group, train, evaluate, write the run's files."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from trainer.distributed import init_distributed, shutdown_distributed
 
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+_PR_SET_PDEATHSIG = 1
 
 
 def quiet_libraries() -> None:
@@ -26,7 +29,20 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def stop_with_launcher() -> None:
+    """Have the kernel send this rank SIGTERM when its launcher dies (Linux prctl
+    PR_SET_PDEATHSIG): a rank orphaned by a killed launcher would otherwise wait in a
+    collective until the timeout. SIGTERM takes the usual path: checkpoint, exit 143."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    stop_with_launcher()
     quiet_libraries()
     keep_freed_memory()
     cfg = config_from_dict(config)
