@@ -6,28 +6,20 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_cli_train import ROOT, recbalance, tiny_overrides
+
 TASKS = ["click", "conversion"]
 
 
-def recbalance(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 def tiny_sets(data: Path) -> list[str]:
-    sets = [
-        f'data.path="{data}"', "data.global_batch_size=64", "data.eval_batch_size=256", "train.steps=6",
-        "train.log_every=3", "model.num_experts=2", "model.expert_layers=[8]", "model.shared_layers=[16]",
-        "model.dense_layers=[8]", "model.tower_layers=[4]", "metrics.enabled=false",
-    ]
-    return [arg for s in sets for arg in ("--set", s)]
+    """The CLI tests' tiny model, 6 steps a cell, no metrics endpoint (later --set wins)."""
+    sets = ["train.steps=6", "train.log_every=3", "metrics.enabled=false"]
+    return tiny_overrides(data) + [arg for s in sets for arg in ("--set", s)]
 
 
 def quality(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
