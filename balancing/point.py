@@ -44,8 +44,11 @@ class _BalanceFunction(torch.autograd.Function):
     def backward(ctx, *grads: Optional[torch.Tensor]):  # type: ignore[override]
         start = time.perf_counter()
         n, m = len(ctx.shapes), ctx.balancer.num_tasks
-        per_task = [_task_gradient(grads[task * n:(task + 1) * n], ctx) for task in range(m)]
-        combined = ctx.balancer.combine(per_task)
+        if n == 1 and all(g is not None for g in grads):
+            per_task: Sequence[TaskGrad] = grads  # one input: the gradients as autograd produced them
+        else:
+            per_task = [_task_gradient(grads[task * n:(task + 1) * n], ctx) for task in range(m)]
+        combined = ctx.balancer.combine_in_backward(per_task)
         pieces = combined if n > 1 else (combined,)
         outs = [p if p.dtype == dt else p.to(dt) for p, dt in zip(pieces, ctx.dtypes)]
         ctx.timing.seconds = time.perf_counter() - start

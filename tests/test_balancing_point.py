@@ -130,6 +130,8 @@ def test_state_dict_round_trip_restores_behaviour(name):
     for e, r in zip(expected, got):
         assert torch.equal(e, r)
     assert "step" in state and int(state["step"]) == 4
+    assert bal.steps_done == 8 and restored.steps_done == 8
+    assert int(restored.state_dict()["step"]) == 8
 
 
 def test_uncertainty_parameters_are_trainable_and_saved():

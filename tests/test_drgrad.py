@@ -111,7 +111,7 @@ def test_routing_happens_inside_the_backward_pass():
     exp_v1, exp_vs, *_ = np_route(*(w.expand(5, 3).numpy() for w in (w1p, w1pp, w2)))
     np.testing.assert_allclose(v1.grad.numpy(), exp_v1, rtol=1e-12)
     np.testing.assert_allclose(vs.grad.numpy(), exp_vs, rtol=1e-12)
-    assert int(bal.step) == 1 and point.last_balance_seconds > 0
+    assert bal.steps_done == 1 and point.last_balance_seconds > 0
 
 
 def test_primary_by_name_and_bad_options():

@@ -41,7 +41,7 @@ def test_one_task_is_adam(dtype, tol):
     torch.testing.assert_close(ours, ref.detach(), rtol=tol, atol=tol)
     torch.testing.assert_close(pub.exp_avg, state["exp_avg"], rtol=tol, atol=tol)
     torch.testing.assert_close(pub.exp_avg_sq, state["exp_avg_sq"], rtol=tol, atol=tol)
-    assert int(pub.step) == int(state["step"]) == 25
+    assert pub.steps_done == int(state["step"]) == 25
 
 
 # ----------------------------------------------------------------------------- α

@@ -51,7 +51,7 @@ class DBMTL(GramBalancer):
 
     def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
         norms = gram.to(torch.float64).diagonal().clamp_min(0).sqrt()
-        t = int(self.step) + 1
+        t = self.steps_done + 1
         if t == 1:
             ema = norms.clone()
         else:

@@ -47,7 +47,7 @@ class GradDrop(Balancer):
         purity = torch.where(total_abs > 0, total / torch.where(total_abs > 0, total_abs, torch.ones_like(total_abs)),
                              torch.zeros_like(total))
         prob = 0.5 * (1.0 + purity)
-        gen = step_generator(int(self.seed), int(self.step), g.device, salt=rank(self.process_group))
+        gen = step_generator(int(self.seed), self.steps_done, g.device, salt=rank(self.process_group))
         u = torch.rand(prob.shape, generator=gen, device=g.device, dtype=g.dtype)
         keep = ((prob > u) & (g > 0)) | ((prob < u) & (g < 0))
         leak = self.leak.to(device=g.device, dtype=g.dtype).view((-1,) + (1,) * (g.dim() - 1))

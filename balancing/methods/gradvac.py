@@ -45,7 +45,7 @@ class GradVac(GramBalancer):
         targets = self.targets.detach().to("cpu", torch.float64).clone()
         m = self.num_tasks
         mix = torch.eye(m, dtype=torch.float64)
-        for i, order in enumerate(task_orders(m, int(self.seed), int(self.step))):
+        for i, order in enumerate(task_orders(m, int(self.seed), self.steps_done)):
             for j in order:
                 n_i = float(mix[i] @ k @ mix[i]) ** 0.5
                 n_j = float(k[j, j]) ** 0.5

@@ -45,7 +45,7 @@ class PCGrad(GramBalancer):
         k = gram.detach().to("cpu", torch.float64)
         m = self.num_tasks
         mix = torch.eye(m, dtype=torch.float64)
-        for i, order in enumerate(task_orders(m, int(self.seed), int(self.step))):
+        for i, order in enumerate(task_orders(m, int(self.seed), self.steps_done)):
             for j in order:
                 dot = float(mix[i] @ k[:, j])
                 if dot < 0 and float(k[j, j]) > 0:

@@ -110,13 +110,13 @@ class PUB(Balancer):
 
     def recomputes_now(self) -> bool:
         """True when the next `combine` solves for α (every ``every`` steps, from step 0)."""
-        return int(self.step) % self.every == 0
+        return self.steps_done % self.every == 0
 
     # ----------------------------------------------------------------- the method
     def task_updates(self, flat: torch.Tensor) -> torch.Tensor:
         """[M, P] Adam updates of each task's gradient row from the current moments."""
         b1, b2 = self.betas
-        s = int(self.step) + 1
+        s = self.steps_done + 1
         bc1 = 1.0 - b1 ** s
         bc2_sqrt = (1.0 - b2 ** s) ** 0.5
         # the same operations as torch.optim.Adam (lerp / mul-addcmul) so one task is Adam
@@ -158,7 +158,7 @@ class PUB(Balancer):
         work = torch.promote_types(grads[0].dtype, torch.float32)
         flat = torch.stack([g.reshape(-1) for g in grads]).to(work)
         if self.exp_avg.numel() != flat.shape[1]:
-            if int(self.step) != 0:
+            if self.steps_done != 0:
                 raise ValueError(
                     f"pub: gradients have {flat.shape[1]} entries but the optimizer state holds "
                     f"{self.exp_avg.numel()}; the shared parameters changed"
