@@ -258,3 +258,13 @@ def test_bad_gradient_pieces():
         bal.combine([(a, b)])
     with pytest.raises(ValueError, match="tuple of them"):
         bal.combine([(a, "b"), (a, b)])
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_non_finite_gradient_stays_visible(name):
+    """A NaN in one task's gradient must reach the combined gradient, where the trainer's
+    guard looks for it (a method that masked it away would train on a corrupted step)."""
+    bal = make_balancer(name, 3, **_STATEFUL_OPTIONS.get(name, {}))
+    g = torch.randn(3, 5, 4)
+    g[1, 2, 3] = float("nan")
+    assert not torch.isfinite(bal.combine(g)).all()

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..base import Balancer
+from ..base import Balancer, plain_sum
 from ..distributed import rank
 from ..options import check_int, check_per_task
 from ..registry import register
@@ -37,20 +37,30 @@ class GradDrop(Balancer):
         process_group: Optional[Any] = None,
     ) -> None:
         super().__init__(num_tasks, process_group)
-        self.leak = torch.tensor(check_per_task("leak", leak, num_tasks, low=0.0, high=1.0), dtype=torch.float64)
+        self.leak = tuple(float(x) for x in check_per_task("leak", leak, num_tasks, low=0.0, high=1.0))
         self.register_buffer("seed", torch.tensor(check_int("seed", seed, low=0), dtype=torch.long))
 
     def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         self._global_gram(grads)  # telemetry only
-        g = torch.stack(grads).to(torch.promote_types(grads[0].dtype, torch.float32))
-        total, total_abs = g.sum(0), g.abs().sum(0)
-        purity = torch.where(total_abs > 0, total / torch.where(total_abs > 0, total_abs, torch.ones_like(total_abs)),
-                             torch.zeros_like(total))
-        prob = 0.5 * (1.0 + purity)
-        gen = step_generator(int(self.seed), self.steps_done, g.device, salt=rank(self.process_group))
-        u = torch.rand(prob.shape, generator=gen, device=g.device, dtype=g.dtype)
-        keep = ((prob > u) & (g > 0)) | ((prob < u) & (g < 0))
-        leak = self.leak.to(device=g.device, dtype=g.dtype).view((-1,) + (1,) * (g.dim() - 1))
+        work = torch.promote_types(grads[0].dtype, torch.float32)
+        g = [t if t.dtype == work else t.to(work) for t in grads]
+        # M_i g_i = 1[P > U] relu(g_i) - 1[P < U] relu(-g_i), and P = sum relu(g) / sum |g|, so
+        # with up = sum relu(g) and down = sum relu(-g) = up - sum g:  P > U <=> up > U (up + down).
+        # Sums over tasks of one shape, no [M, ...] stack; a non-finite gradient stays non-finite.
+        rising = [t.clamp_min(0) for t in g]
+        up = plain_sum(rising)
+        down = up - plain_sum(g)
+        gen = step_generator(int(self.seed), self.steps_done, g[0].device, salt=rank(self.process_group))
+        threshold = torch.rand(up.shape, generator=gen, device=up.device, dtype=up.dtype).mul_(up + down)
+        keep_up, keep_down = up > threshold, up < threshold
+        leak = self.leak
+        if any(leak):  # sum_i l_i g_i + the masked sums weighted by (1 - l_i)
+            up = plain_sum([r * (1 - l) for r, l in zip(rising, leak)])
+            down = plain_sum([(r - t) * (1 - l) for r, t, l in zip(rising, g, leak)])
+        out = up.mul_(keep_up).sub_(down.mul_(keep_down))
+        if any(leak):
+            out.add_(plain_sum([t * l for t, l in zip(g, leak)]))
         self._last.weights = None
         self._advance()
-        return ((leak + (1 - leak) * keep.to(g.dtype)) * g).sum(0).to(grads[0].dtype)
+        return out.to(grads[0].dtype)
+
