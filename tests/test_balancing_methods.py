@@ -8,6 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 from balancing import make_balancer
+from balancing.methods.imtl_g import imtl_g_values
 from balancing.methods.pcgrad import task_orders
 from balancing.rng import step_generator
 
@@ -308,6 +309,20 @@ def test_imtl_g():
         np.testing.assert_allclose(c.reshape(-1), exp, rtol=1e-8, atol=1e-12)
         proj = U_unit @ exp  # the defining property: equal projections on every unit gradient
         np.testing.assert_allclose(proj, proj[0], rtol=1e-8)
+
+
+
+def test_imtl_g_singular_system_takes_the_pseudo_inverse():
+    """Equal gradients make D Uᵀ singular: the least-squares (pinv) solution is used, and
+    any weights summing to 1 give the same combined gradient."""
+    G = np.array([[2.0, 0.0], [2.0, 0.0], [0.0, 3.0]])  # tasks 1 and 2 equal
+    U_unit = G / np.linalg.norm(G, axis=1, keepdims=True)
+    D, U = G[0][None] - G[1:], U_unit[0][None] - U_unit[1:]
+    rest = G[0] @ U.T @ np.linalg.pinv(D @ U.T)
+    np.testing.assert_allclose(imtl_g_values((G @ G.T).tolist()), [1 - rest.sum(), *rest], rtol=1e-12)
+    g = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = make_balancer("imtl_g", 2).combine(torch.stack([g, g]))
+    torch.testing.assert_close(out, g)
 
 
 # ----------------------------------------------------------------------------- dbmtl

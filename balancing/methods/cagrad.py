@@ -11,110 +11,105 @@ Options: c=0.5, rescale=1.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import torch
+import math
+from typing import Any, List, Optional
 
 from ..base import GramBalancer
+from ..gram import GramRows
 from ..options import check_float, check_int
 from ..registry import register
-from ..simplex import project_simplex
+from ..simplex import project_simplex_values
+from ..small_linalg import Matrix, Vector, dot, matvec, quad, solve
 
 
-def solve_dual(k: torch.Tensor, c: float, max_iter: int = 50, tol: float = 1e-9) -> torch.Tensor:
-    """argmin over the simplex of F(w) = wᵀK1/M + c ||g0|| sqrt(wᵀKw) (float64, CPU).
+def solve_dual(k: Matrix, c: float, max_iter: int = 50, tol: float = 1e-9) -> Vector:
+    """argmin over the simplex of F(w) = wᵀK1/M + c ||g0|| sqrt(wᵀKw), K as rows of floats.
 
     Accelerated projected gradient (FISTA) with backtracking and adaptive restart finds the
-    active face; `_polish` then solves the problem on that face exactly (Newton).
+    active face; `_polish` then solves the problem on that face exactly (Newton). The first
+    step is 1/trace(K) (trace >= the largest eigenvalue of the PSD K); backtracking shrinks it.
     """
-    m = k.shape[0]
-    ones = torch.full((m,), 1.0 / m, dtype=torch.float64)
-    lin = k @ ones
-    radius = c * max(float(ones @ k @ ones), 0.0) ** 0.5  # c ||g0||
-    floor = 1e-30 * max(float(k.diagonal().sum()), 1e-300)
+    m = len(k)
+    ones = [1.0 / m] * m
+    lin = matvec(k, ones)
+    radius = c * math.sqrt(max(dot(ones, lin), 0.0))  # c ||g0||
+    trace = sum(k[i][i] for i in range(m))
+    floor = 1e-30 * max(trace, 1e-300)
 
-    def value(w: torch.Tensor) -> float:
-        return float(lin @ w) + radius * max(float(w @ k @ w), floor) ** 0.5
+    def value(w: Vector) -> float:
+        return dot(lin, w) + radius * math.sqrt(max(quad(k, w), floor))
 
-    def grad(w: torch.Tensor) -> torch.Tensor:
-        kw = k @ w
-        return lin + radius * kw / max(float(w @ kw), floor) ** 0.5
+    def grad(w: Vector) -> Vector:
+        kw = matvec(k, w)
+        norm = math.sqrt(max(dot(w, kw), floor))
+        return [li + radius * x / norm for li, x in zip(lin, kw)]
 
-    top = float(torch.linalg.eigvalsh(k)[-1])
-    if not top > 0:  # all gradients zero: every w is optimal
+    if not trace > 0:  # all gradients zero: every w is optimal
         return ones
-    step = 1.0 / top
-    w = ones.clone()
+    step = 1.0 / trace
+    w = list(ones)
     f_w = value(w)
-    y, t = w.clone(), 1.0
+    y, t = list(w), 1.0
     for _ in range(max_iter):
         f_y, g_y = value(y), grad(y)
         while True:
-            cand = project_simplex(y - step * g_y)
-            diff = cand - y
+            cand = project_simplex_values([yi - step * gi for yi, gi in zip(y, g_y)])
+            diff = [ci - yi for ci, yi in zip(cand, y)]
             f_c = value(cand)
-            if f_c <= f_y + float(g_y @ diff) + float(diff @ diff) / (2 * step) or step < 1e-300:
+            if f_c <= f_y + dot(g_y, diff) + dot(diff, diff) / (2 * step) or step < 1e-300:
                 break
             step *= 0.5
         if f_c > f_w:  # restart: momentum made things worse
-            y, t = w.clone(), 1.0
+            y, t = list(w), 1.0
             continue
-        moved = float((cand - w).abs().max())
+        moved = max(abs(ci - wi) for ci, wi in zip(cand, w))
         t_new = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
-        y = cand + ((t - 1.0) / t_new) * (cand - w)
+        y = [ci + ((t - 1.0) / t_new) * (ci - wi) for ci, wi in zip(cand, w)]
         w, f_w, t = cand, f_c, t_new
         if moved < tol:
             break
     return _polish(k, lin, radius, w, floor)
 
 
-def _polish(k: torch.Tensor, lin: torch.Tensor, radius: float, w: torch.Tensor, floor: float) -> torch.Tensor:
+def _polish(k: Matrix, lin: Vector, radius: float, w: Vector, floor: float) -> Vector:
     """Active-set Newton refinement of ``w``; returns ``w`` unchanged if it cannot certify
     the KKT conditions (grad_j >= nu off the support, equal on it)."""
-    m = k.shape[0]
-    support = [i for i in range(m) if float(w[i]) > 1e-9]
-    x = torch.zeros_like(w)
-    x[support] = w[support] / w[support].sum()
-    scale = max(float(lin.abs().max()), float(k.diagonal().max()) ** 0.5 * radius, 1e-300)
+    m = len(k)
+    support = [i for i in range(m) if w[i] > 1e-9]
+    total = sum(w[i] for i in support)
+    x = [w[i] / total if i in support else 0.0 for i in range(m)]
+    scale = max(max(abs(v) for v in lin), math.sqrt(max(max(k[i][i] for i in range(m)), 0.0)) * radius, 1e-300)
     for _ in range(4 * m):
         for _ in range(50):  # Newton on the face {x_S >= 0, sum x_S = 1}
-            kx = k @ x
-            n = max(float(x @ kx), floor) ** 0.5
-            g = lin + radius * kx / n
-            h = radius * (k / n - torch.outer(kx, kx) / n**3)
-            s = torch.tensor(support)
-            q = len(support)
-            kkt = torch.zeros(q + 1, q + 1, dtype=k.dtype)
-            kkt[:q, :q] = h[s][:, s]
-            kkt[:q, q] = 1.0
-            kkt[q, :q] = 1.0
-            rhs = torch.zeros(q + 1, dtype=k.dtype)
-            rhs[:q] = -g[s]
-            try:
-                delta = torch.linalg.solve(kkt, rhs)[:q]
-            except RuntimeError:
+            kx = matvec(k, x)
+            n = math.sqrt(max(dot(x, kx), floor))
+            g = [li + radius * v / n for li, v in zip(lin, kx)]
+            # KKT system of the face: [[H_SS, 1], [1ᵀ, 0]], H = radius (K / n - (Kx)(Kx)ᵀ / n³)
+            kkt = [[radius * (k[i][j] / n - kx[i] * kx[j] / n**3) for j in support] + [1.0] for i in support]
+            kkt.append([1.0] * len(support) + [0.0])
+            sol = solve(kkt, [-g[i] for i in support] + [0.0])
+            if sol is None:
                 return w
-            if not torch.isfinite(delta).all():
-                return w
-            neg = delta < 0
-            t = 1.0
-            if neg.any():
-                t = min(1.0, float((x[s][neg] / -delta[neg]).min()))
-            x[s] = (x[s] + t * delta).clamp_min(0)
+            delta = sol[: len(support)]
+            blocking = [x[i] / -d for i, d in zip(support, delta) if d < 0]
+            t = min(1.0, min(blocking)) if blocking else 1.0
+            for i, d in zip(support, delta):
+                x[i] = max(x[i] + t * d, 0.0)
             if t < 1.0:  # hit the boundary: the blocking index leaves the support
-                support = [i for i in support if float(x[i]) > 0]
-                x = x / x.sum()
+                support = [i for i in support if x[i] > 0]
+                total = sum(x)
+                x = [v / total for v in x]
                 continue
-            if float(delta.abs().max()) < 1e-15:
+            if max(abs(d) for d in delta) < 1e-15:
                 break
-        kx = k @ x
-        g = lin + radius * kx / max(float(x @ kx), floor) ** 0.5
-        nu = float(g[torch.tensor(support)].mean())
-        outside = [j for j in range(m) if j not in support]
-        viol = [j for j in outside if float(g[j]) < nu - 1e-12 * scale]
+        kx = matvec(k, x)
+        norm = math.sqrt(max(dot(x, kx), floor))
+        g = [li + radius * v / norm for li, v in zip(lin, kx)]
+        nu = sum(g[i] for i in support) / len(support)
+        viol = [j for j in range(m) if j not in support and g[j] < nu - 1e-12 * scale]
         if not viol:
             return x
-        support.append(min(viol, key=lambda j: float(g[j])))
+        support.append(min(viol, key=lambda j: g[j]))
         support.sort()
     return w
 
@@ -130,13 +125,11 @@ class CAGrad(GramBalancer):
         if self.rescale > 2:
             raise ValueError(f"balance option 'rescale' must be 0, 1 or 2, got {rescale!r}")
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        k = gram.detach().to("cpu", torch.float64)
+    def coefficient_values(self, gram: GramRows) -> List[float]:
         m = self.num_tasks
-        w = solve_dual(k, self.c)
-        g0_norm = max(float(k.mean()), 0.0) ** 0.5  # ||g0||² = 1ᵀK1 / M²
-        gw_norm = max(float(w @ k @ w), 0.0) ** 0.5
+        w = solve_dual(gram, self.c)
+        g0_norm = math.sqrt(max(sum(map(sum, gram)) / (m * m), 0.0))  # ||g0||² = 1ᵀK1 / M²
+        gw_norm = math.sqrt(max(quad(gram, w), 0.0))
         lam = self.c * g0_norm / gw_norm if gw_norm > 0 else 0.0
-        coef = torch.full((m,), 1.0 / m, dtype=torch.float64) + lam * w
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return (coef / divisor).to(gram.device)
+        return [(1.0 / m + lam * wi) / divisor for wi in w]

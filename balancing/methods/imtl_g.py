@@ -10,36 +10,32 @@ so only the reduced Gram K is needed. Weights sum to 1 (average scale). No optio
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, List, Optional
 
 import torch
 
 from ..base import GramBalancer
+from ..gram import GramRows
 from ..registry import register
+from ..small_linalg import Vector, solve
 
 
-def imtl_g_weights(gram: torch.Tensor) -> torch.Tensor:
-    """IMTL-G closed-form weights [M] (float64) from the Gram matrix."""
-    k = gram.detach().to("cpu", torch.float64)
-    m = k.shape[0]
+def imtl_g_values(k: GramRows) -> Vector:
+    """IMTL-G closed-form weights (M floats) from the Gram matrix as rows of floats."""
+    m = len(k)
     if m == 1:
-        return torch.ones(1, dtype=torch.float64, device=gram.device)
-    norms = k.diagonal().clamp_min(0).sqrt()
-    inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)),
-                      torch.zeros_like(norms))
-    e = torch.zeros(m - 1, m, dtype=torch.float64)
-    e[:, 0] = 1.0
-    e[torch.arange(m - 1), torch.arange(1, m)] = -1.0
-    kn = k * inv[None, :]
-    du = e @ kn @ e.T          # D Uᵀ   [M-1, M-1]
-    g1u = kn[0] @ e.T          # g_1 Uᵀ [M-1]
-    try:
-        rest = torch.linalg.solve(du.T, g1u)
-        if not torch.isfinite(rest).all():
-            raise RuntimeError("non-finite")
-    except RuntimeError:
-        rest = g1u @ torch.linalg.pinv(du)
-    return torch.cat([(1.0 - rest.sum()).view(1), rest]).to(gram.device)
+        return [1.0]
+    inv = [1.0 / math.sqrt(k[j][j]) if k[j][j] > 0 else 0.0 for j in range(m)]
+    kn = [[k[i][j] * inv[j] for j in range(m)] for i in range(m)]
+    # with E's rows e_1 - e_t:  (E A Eᵀ)_pq = A_11 - A_1,q - A_p,1 + A_pq  (p, q >= 2)
+    du = [[kn[0][0] - kn[0][q] - kn[p][0] + kn[p][q] for q in range(1, m)] for p in range(1, m)]  # D Uᵀ
+    g1u = [kn[0][0] - kn[0][q] for q in range(1, m)]  # g_1 Uᵀ
+    rest = solve([list(col) for col in zip(*du)], g1u)  # rest · D Uᵀ = g_1 Uᵀ
+    if rest is None:  # singular system: the pseudo-inverse's least-squares solution
+        pinv = torch.linalg.pinv(torch.tensor(du, dtype=torch.float64))
+        rest = (torch.tensor(g1u, dtype=torch.float64) @ pinv).tolist()
+    return [1.0 - sum(rest)] + rest
 
 
 @register("imtl_g")
@@ -49,5 +45,5 @@ class IMTLG(GramBalancer):
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        return imtl_g_weights(gram)
+    def coefficient_values(self, gram: GramRows) -> List[float]:
+        return imtl_g_values(gram)

@@ -3,7 +3,7 @@
 Weights alpha > 0 solving (GᵀG) alpha = 1/alpha, combined = sum_m alpha_m g_m. As in the
 authors' code, GᵀG (the reduced Gram) is first divided by its Frobenius norm
 (``normalize=True``), which makes the combined gradient's scale follow the gradients' scale.
-Solved by `balancing.nash.nash_bargaining_weights` (damped Newton), warm-started from the
+Solved by `balancing.nash.nash_task_weights` (damped Newton), warm-started from the
 previous alpha (buffer ``alpha``). Tasks with a zero gradient get alpha = 0 and are left
 out of the solve. If the solve does not converge (e.g. exactly opposite gradients, where no
 solution exists) the previous alpha is kept, as the authors do, and ``failed_solves`` counts
@@ -11,12 +11,13 @@ it. Options: normalize=True, max_iter=100, tol=1e-9, ridge=0.0.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 
 from ..base import GramBalancer
-from ..nash import nash_bargaining_weights
+from ..gram import GramRows
+from ..nash import nash_task_weights
 from ..options import check_bool, check_float, check_int
 from ..registry import register
 
@@ -42,24 +43,11 @@ class NashMTL(GramBalancer):
         self.register_buffer("alpha", torch.ones(num_tasks, dtype=torch.float64))
         self.register_buffer("failed_solves", torch.zeros((), dtype=torch.long))
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        k = gram.detach().to("cpu", torch.float64)
-        if self.normalize:
-            scale = float(torch.linalg.matrix_norm(k))
-            if scale > 0:
-                k = k / scale
-        active = torch.nonzero(k.diagonal() > 0).flatten()
-        prev = self.alpha.detach().to("cpu", torch.float64)
-        alpha = torch.zeros_like(prev)
-        if active.numel() > 0:
-            sub = k[active][:, active]
-            init = prev[active] if bool((prev[active] > 0).all()) else None
-            solved, ok = nash_bargaining_weights(sub, init=init, max_iter=self.max_iter, tol=self.tol,
-                                                 ridge=self.ridge)
-            if ok:
-                alpha[active] = solved
-            else:
-                self.failed_solves += 1
-                alpha = prev.clone()
-        self.alpha.copy_(alpha.to(self.alpha))
-        return alpha.to(gram.device)
+    def coefficient_values(self, gram: GramRows) -> List[float]:
+        previous = self.alpha.tolist()
+        alpha = nash_task_weights(gram, previous, self.normalize, self.max_iter, self.tol, self.ridge)
+        if alpha is None:
+            self.failed_solves += 1
+            return previous
+        self.alpha.copy_(torch.tensor(alpha, dtype=torch.float64))
+        return alpha

@@ -12,7 +12,7 @@ For the shared parameters with per-task gradients ``g_t`` (rows of ``grads``, fl
    (element-wise reciprocal), U = [u_1 … u_M]. As in the reference implementation (the
    Nash-MTL code base PUB builds on), UᵀU is first divided by its Frobenius norm. The
    system is the stationarity condition of the strictly convex
-   ``½ αᵀKα − Σ log α_t``, solved by `balancing.nash.nash_bargaining_weights` (damped
+   ``½ αᵀKα − Σ log α_t``, solved by `balancing.nash.nash_task_weights` (damped
    Newton, dependency-free, bounded iterations ``max_iter``) warm-started from the
    previous α. The PUB paper solves it with a short concave-convex sequence of convex
    programs (cvxpy); both target the same fixed point, which is unique because the
@@ -46,7 +46,7 @@ import torch
 from ..base import Balancer, plain_sum
 from ..distributed import reduce_gram
 from ..gram import cosines_from_gram, local_gram, norms_from_gram
-from ..nash import nash_bargaining_weights
+from ..nash import nash_task_weights
 from ..options import check_bool, check_float, check_int
 from ..registry import register
 
@@ -127,32 +127,15 @@ class PUB(Balancer):
 
     def solve(self, gram_u: torch.Tensor) -> torch.Tensor:
         """α from the update Gram UᵀU [M, M] (warm start: the previous α; fallback: keep it)."""
-        k = gram_u.detach().to("cpu", torch.float64)
-        if self.normalize:
-            scale = float(torch.linalg.matrix_norm(k))
-            if scale > 0:
-                k = k / scale
-        prev = self.alpha.detach().to("cpu", torch.float64)
-        active = torch.nonzero(k.diagonal() > 0).flatten()
-        alpha = torch.zeros_like(prev)
+        previous = self.alpha.tolist()
         self.solves += 1
-        self._converged = True
-        if active.numel() > 0:
-            sub = k[active][:, active]
-            init = prev[active] if bool((prev[active] > 0).all()) else None
-            try:
-                solved, ok = nash_bargaining_weights(sub, init=init, max_iter=self.max_iter, tol=self.tol,
-                                                     ridge=self.ridge)
-            except RuntimeError:  # e.g. a singular Newton system when no solution exists
-                solved, ok = prev[active], False
-            ok = ok and bool(torch.isfinite(solved).all() and (solved > 0).all())
-            if ok:
-                alpha[active] = solved
-            else:
-                self._converged = False
-                self.failed_solves += 1
-                alpha = prev.clone()
-        return alpha
+        alpha = nash_task_weights(gram_u.detach().to("cpu", torch.float64).tolist(), previous, self.normalize,
+                                  self.max_iter, self.tol, self.ridge)
+        self._converged = alpha is not None
+        if alpha is None:
+            self.failed_solves += 1
+            alpha = previous
+        return torch.tensor(alpha, dtype=torch.float64)
 
     def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         work = torch.promote_types(grads[0].dtype, torch.float32)

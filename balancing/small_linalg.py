@@ -1,0 +1,48 @@
+"""Linear algebra on small dense matrices held as Python floats.
+
+The balance point's solvers work on the M x M Gram matrix (M = number of tasks, a handful)
+inside the backward pass, where a tensor operation costs 5-15 µs and all the arithmetic of
+an M x M problem costs less than one of them. Vectors are lists of floats, matrices lists
+of rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+Vector = List[float]
+Matrix = List[List[float]]
+
+
+def dot(x: Sequence[float], y: Sequence[float]) -> float:
+    return sum(a * b for a, b in zip(x, y))
+
+
+def matvec(k: Sequence[Sequence[float]], x: Sequence[float]) -> Vector:
+    return [dot(row, x) for row in k]
+
+
+def quad(k: Sequence[Sequence[float]], x: Sequence[float]) -> float:
+    """xᵀ K x."""
+    return dot(x, matvec(k, x))
+
+
+def solve(a: Sequence[Sequence[float]], b: Sequence[float]) -> Optional[Vector]:
+    """x with A x = b by Gaussian elimination with partial pivoting; None when A is
+    singular (a zero pivot) or the solution is not finite."""
+    n = len(b)
+    rows = [list(map(float, a[i])) + [float(b[i])] for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+        if rows[pivot][col] == 0.0:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        head = rows[col]
+        for r in range(col + 1, n):
+            factor = rows[r][col] / head[col]
+            if factor:
+                rows[r] = [x - factor * h for x, h in zip(rows[r], head)]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        x[i] = (rows[i][n] - sum(rows[i][j] * x[j] for j in range(i + 1, n))) / rows[i][i]
+    return x if all(math.isfinite(v) for v in x) else None
