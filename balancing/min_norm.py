@@ -6,87 +6,86 @@ set and an exact KKT solve on that active set polishes the result to machine pre
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
-from .simplex import project_simplex
+from .simplex import project_simplex_values
+from .small_linalg import Matrix, Vector, matvec, quad, solve
 
 
-def _two_task(k: torch.Tensor) -> torch.Tensor:
+def _two_task(k: Matrix) -> Vector:
     """Closed form for M=2: a1 = clip((K22 - K12) / (K11 + K22 - 2 K12), 0, 1)."""
-    denom = k[0, 0] + k[1, 1] - 2 * k[0, 1]
+    denom = k[0][0] + k[1][1] - 2 * k[0][1]
     if denom <= 0:  # identical vectors: every convex combination is the same point
-        a1 = torch.tensor(0.5, dtype=k.dtype)
+        a1 = 0.5
     else:
-        a1 = ((k[1, 1] - k[0, 1]) / denom).clamp(0.0, 1.0)
-    return torch.stack([a1, 1 - a1])
+        a1 = min(max((k[1][1] - k[0][1]) / denom, 0.0), 1.0)
+    return [a1, 1 - a1]
 
 
-def _polish(k: torch.Tensor, a: torch.Tensor, support_tol: float) -> torch.Tensor:
+def _polish(k: Matrix, a: Vector, support_tol: float) -> Vector:
     """Exact minimiser by an active-set refinement of the iterative solution ``a``.
 
     On a support S the optimum solves [[K_SS, 1], [1ᵀ, 0]] [a_S; -mu] = [0; 1]; indices with
     a negative solution leave S. The result is accepted only if it satisfies the KKT
     conditions ((K a)_j >= aᵀKa off the support), otherwise ``a`` is returned unchanged.
     """
-    m = k.shape[0]
-    support = [i for i in range(m) if float(a[i]) > support_tol]
-    scale = float(k.diagonal().max())
+    m = len(k)
+    support = [i for i in range(m) if a[i] > support_tol]
+    scale = max(k[i][i] for i in range(m))
     while support:
         n = len(support)
-        s = torch.tensor(support)
-        kkt = torch.zeros(n + 1, n + 1, dtype=k.dtype)
-        kkt[:n, :n] = k[s][:, s]
-        kkt[:n, n] = 1.0
-        kkt[n, :n] = 1.0
-        rhs = torch.zeros(n + 1, dtype=k.dtype)
-        rhs[n] = 1.0
-        try:  # (linalg.solve is deterministic; lstsq is not, and ranks must agree bitwise)
-            sol = torch.linalg.solve(kkt, rhs)[:n]
-        except RuntimeError:  # singular system: keep the iterative solution
+        kkt = [[k[i][j] for j in support] + [1.0] for i in support] + [[1.0] * n + [0.0]]
+        sol = solve(kkt, [0.0] * n + [1.0])
+        if sol is None:  # singular system: keep the iterative solution
             return a
-        if not torch.isfinite(sol).all():
-            return a
-        if (sol < 0).any():
-            support.pop(int(torch.argmin(sol)))
+        sol = sol[:n]
+        if any(x < 0 for x in sol):
+            support.pop(min(range(n), key=lambda i: sol[i]))
             continue
-        cand = torch.zeros_like(a)
-        cand[s] = sol
-        cand = cand / cand.sum()
-        kc = k @ cand
-        if bool((kc >= cand @ kc - 1e-12 * scale).all()):
-            return cand
-        return a
+        total = sum(sol)
+        cand = [0.0] * m
+        for i, x in zip(support, sol):
+            cand[i] = x / total
+        kc = matvec(k, cand)
+        value = sum(c * x for c, x in zip(cand, kc))
+        return cand if all(x >= value - 1e-12 * scale for x in kc) else a
     return a
 
 
-def min_norm_weights(gram: torch.Tensor, max_iter: int = 500, tol: float = 1e-12) -> torch.Tensor:
-    """Weights ``a`` on the simplex minimising ``||sum_m a_m g_m||² = aᵀ K a`` for ``K = gram``.
+def min_norm_values(k: Matrix, max_iter: int = 500, tol: float = 1e-12) -> Vector:
+    """Weights ``a`` on the simplex minimising ``aᵀ K a`` for a Gram K given as rows of floats.
 
-    Returns float64 weights [M] on the device of ``gram`` (the solve runs on CPU in float64).
-    """
-    device = gram.device
-    k = gram.detach().to("cpu", torch.float64)
-    m = k.shape[0]
+    FISTA with adaptive restart and step 1/trace(K) (trace >= the largest eigenvalue of the
+    PSD K), then `_polish`."""
+    m = len(k)
     if m == 1:
-        return torch.ones(1, dtype=torch.float64, device=device)
+        return [1.0]
     if m == 2:
-        return _two_task(k).to(device)
-    lip = float(torch.linalg.eigvalsh(k)[-1])
-    a = torch.full((m,), 1.0 / m, dtype=torch.float64)
-    if lip <= 0:
-        return a.to(device)
-    y, t = a.clone(), 1.0
-    f_a = float(a @ k @ a)
+        return _two_task(k)
+    trace = sum(k[i][i] for i in range(m))
+    a = [1.0 / m] * m
+    if trace <= 0:
+        return a
+    y, t = list(a), 1.0
+    f_a = quad(k, a)
     for _ in range(max_iter):
-        a_new = project_simplex(y - (k @ y) / lip)
-        f_new = float(a_new @ k @ a_new)
+        a_new = project_simplex_values([yi - ki / trace for yi, ki in zip(y, matvec(k, y))])
+        f_new = quad(k, a_new)
         if f_new > f_a:  # adaptive restart keeps the iteration monotone
-            y, t = a.clone(), 1.0
+            y, t = list(a), 1.0
             continue
-        done = float((a_new - a).abs().max()) < tol
+        done = max(abs(x - z) for x, z in zip(a_new, a)) < tol
         t_new = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
-        y = a_new + ((t - 1.0) / t_new) * (a_new - a)
+        y = [x + ((t - 1.0) / t_new) * (x - z) for x, z in zip(a_new, a)]
         a, f_a, t = a_new, f_new, t_new
         if done:
             break
-    return _polish(k, a, support_tol=1e-9).to(device)
+    return _polish(k, a, support_tol=1e-9)
+
+
+def min_norm_weights(gram: torch.Tensor, max_iter: int = 500, tol: float = 1e-12) -> torch.Tensor:
+    """`min_norm_values` for a Gram tensor [M, M]: float64 weights [M] on its device."""
+    rows: List[List[float]] = gram.detach().to("cpu", torch.float64).tolist()
+    return torch.tensor(min_norm_values(rows, max_iter, tol), dtype=torch.float64, device=gram.device)

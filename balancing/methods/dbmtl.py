@@ -15,12 +15,14 @@ eps=1e-8.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, List, Optional
 
 import torch
 
 from ..base import GramBalancer
 from ..distributed import all_reduce_sum
+from ..gram import GramRows
 from ..options import check_float
 from ..registry import register
 
@@ -49,14 +51,14 @@ class DBMTL(GramBalancer):
         value = torch.log(global_losses)
         return (value + (losses - losses.detach()) / global_losses).sum()
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        norms = gram.to(torch.float64).diagonal().clamp_min(0).sqrt()
+    def coefficient_values(self, gram: GramRows) -> List[float]:
+        norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(self.num_tasks)]
         t = self.steps_done + 1
         if t == 1:
-            ema = norms.clone()
+            ema = norms
         else:
             beta_t = self.beta / t**self.beta_sigma
-            ema = beta_t * self.ema_norms.to(norms) + (1 - beta_t) * norms
-        self.ema_norms.copy_(ema)
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        return torch.where(norms > 0, ema.max() / safe, torch.zeros_like(norms))
+            ema = [beta_t * u + (1 - beta_t) * n for u, n in zip(self.ema_norms.tolist(), norms)]
+        self.ema_norms.copy_(torch.tensor(ema, dtype=torch.float64))
+        top = max(ema)
+        return [top / n if n > 0 else 0.0 for n in norms]

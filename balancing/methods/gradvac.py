@@ -11,20 +11,21 @@ Options: beta=0.01, seed=0.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 
-from ..base import GramBalancer
-from ..options import check_float, check_int
+from ..gram import GramRows
+from ..options import check_float
 from ..registry import register
-from .pcgrad import task_orders
+from ..small_linalg import quad
+from .pcgrad import MixingBalancer
 
 _EPS = 1e-12
 
 
 @register("gradvac")
-class GradVac(GramBalancer):
+class GradVac(MixingBalancer):
     """GradVac as a Gram-derived mixing matrix; state: ``targets`` phî [M, M]."""
 
     def __init__(
@@ -34,30 +35,27 @@ class GradVac(GramBalancer):
         seed: int = 0,
         process_group: Optional[Any] = None,
     ) -> None:
-        super().__init__(num_tasks, process_group)
+        super().__init__(num_tasks, seed, process_group)
         self.beta = check_float("beta", beta, low=0.0, high=1.0)
-        self.register_buffer("seed", torch.tensor(check_int("seed", seed, low=0), dtype=torch.long))
         self.register_buffer("targets", torch.zeros(num_tasks, num_tasks, dtype=torch.float64))
-        self.last_mixing: Optional[torch.Tensor] = None
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        k = gram.detach().to("cpu", torch.float64)
-        targets = self.targets.detach().to("cpu", torch.float64).clone()
+    def mixing(self, gram: GramRows) -> List[List[float]]:
         m = self.num_tasks
-        mix = torch.eye(m, dtype=torch.float64)
-        for i, order in enumerate(task_orders(m, int(self.seed), self.steps_done)):
+        targets = self.targets.tolist()
+        mix = [[1.0 if i == j else 0.0 for j in range(m)] for i in range(m)]
+        for i, order in enumerate(self._orders()):
+            row = mix[i]
             for j in order:
-                n_i = float(mix[i] @ k @ mix[i]) ** 0.5
-                n_j = float(k[j, j]) ** 0.5
+                n_i = max(quad(gram, row), 0.0) ** 0.5
+                n_j = max(gram[j][j], 0.0) ** 0.5
                 if n_i <= 0 or n_j <= 0:
                     continue
-                phi = float(mix[i] @ k[:, j]) / (n_i * n_j)
-                target = float(targets[i, j])
+                phi = sum(row[t] * gram[t][j] for t in range(m)) / (n_i * n_j)
+                target = targets[i][j]
                 if phi < target:
                     root_t = max(1.0 - target * target, _EPS) ** 0.5
                     root_p = max(1.0 - phi * phi, 0.0) ** 0.5
-                    mix[i, j] += n_i * (target * root_p - phi * root_t) / (n_j * root_t)
-                targets[i, j] = (1 - self.beta) * target + self.beta * phi
-        self.targets.copy_(targets.to(self.targets))
-        self.last_mixing = mix.to(gram.device)
-        return mix.sum(0).to(gram.device)
+                    row[j] += n_i * (target * root_p - phi * root_t) / (n_j * root_t)
+                targets[i][j] = (1 - self.beta) * target + self.beta * phi
+        self.targets.copy_(torch.tensor(targets, dtype=torch.float64))
+        return mix

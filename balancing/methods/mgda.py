@@ -9,12 +9,11 @@ the sum. No options besides ``process_group``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import torch
+from typing import Any, List, Optional
 
 from ..base import GramBalancer
-from ..min_norm import min_norm_weights
+from ..gram import GramRows
+from ..min_norm import min_norm_values
 from ..registry import register
 
 
@@ -25,5 +24,5 @@ class MGDA(GramBalancer):
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        return min_norm_weights(gram)
+    def coefficient_values(self, gram: GramRows) -> List[float]:
+        return min_norm_values(gram)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
 
-import torch
-
 from ..base import Balancer, weighted_sum
 from ..gram import TaskGrad
 from ..options import check_per_task

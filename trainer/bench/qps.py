@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trainer.config import Config, config_from_dict
 from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.loop import Trainer
