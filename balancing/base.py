@@ -127,11 +127,16 @@ class Balancer(nn.Module):
     def _global_gram(self, grads: Sequence[TaskGrad]) -> GramRows:
         """Global-batch Gram as M rows of floats (kept for the telemetry): the local Gram, summed
         over the data-parallel ranks when there are several."""
+        gram = self._reduced_gram(grads)
+        self._last.gram = gram
+        return gram
+
+    def _reduced_gram(self, grads: Sequence[TaskGrad]) -> GramRows:
+        """Global-batch Gram of ``grads`` as rows of floats (no telemetry)."""
         gram = gram_rows(grads)
         if self._world_size() > 1:
             local = torch.tensor(gram, dtype=GRAM_DTYPE, device=pieces(grads[0])[0].device)
             gram = reduce_gram(local, self.process_group).tolist()
-        self._last.gram = gram
         return gram
 
     def _world_size(self) -> int:

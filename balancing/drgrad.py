@@ -51,40 +51,48 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .base import Balancer
-from .distributed import reduce_gram
-from .gram import cosines_from_gram, local_gram, norms_from_gram
+from .base import Balancer, gram_is_finite, plain_sum, weighted_sum
+from .gram import GramRows, cosines_from_gram, norms_from_gram
 from .options import check_bool, check_float
 from .registry import register
+from .small_linalg import quad
 
 
-def route_coefficients(gram: torch.Tensor, gamma: float = 1.0, clip: float = 1.0) -> Dict[str, torch.Tensor]:
-    """Router coefficients from the Gram [2+S, 2+S] of (g1', g1'', g_1..g_S) (float64).
+def _nonzero_sum(coef: Sequence[float], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_m coef_m grads[m]`` over the non-zero coefficients only (finite gradients; the
+    first coefficient is never zero here)."""
+    kept = [(c, g) for c, g in zip(coef, grads) if c != 0.0]
+    return weighted_sum([c for c, _ in kept], [g for _, g in kept])
 
-    Returns ``dedicated`` [S] (g'_R1 = Σ_k dedicated_k g_k), ``shared`` [] (g''_R1 = shared·g1'),
+
+def route_coefficients(gram: GramRows, gamma: float = 1.0, clip: float = 1.0) -> Dict[str, Any]:
+    """Router coefficients from the Gram [2+S, 2+S] of (g1', g1'', g_1..g_S) (rows of floats).
+
+    Returns ``dedicated`` [S] (g'_R1 = Σ_k dedicated_k g_k), ``shared`` (g''_R1 = shared·g1'),
     and the per-secondary ``xi1``, ``xi2``, ``lambda1``, ``lambda2``, ``case`` (1..4, Table 1)."""
-    g = gram.to(torch.float64)
-    s = g.shape[0] - 2
-    norms = g.diagonal().clamp_min(0).sqrt()
-    cos = cosines_from_gram(g)
-    xi1, xi2 = cos[0, 2:], cos[1, 2:]
+    s = len(gram) - 2
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(s + 2)]
 
-    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        safe = torch.where(den > 0, den, torch.ones_like(den))
-        r = torch.where(den > 0, num / safe, torch.zeros_like(num))
-        return (r ** gamma).clamp(max=clip)
+    def cosine(i: int, j: int) -> float:
+        denom = norms[i] * norms[j]
+        return min(max(gram[i][j] / denom, -1.0), 1.0) if denom > 0 else 0.0
 
-    lam1 = ratio(norms[0].expand(s), norms[2:])
-    lam2 = ratio(norms[1], norms[0]).expand(s)
-    use1, use2 = xi1 > 0, xi2 > 0
-    case = torch.where(use1, torch.where(use2, 1, 2), torch.where(use2, 3, 4))
-    dedicated = torch.where(use1, lam1, torch.zeros_like(lam1)) / max(s, 1)
-    shared = torch.where(use2, lam2, torch.zeros_like(lam2)).sum() / max(s, 1)
+    def ratio(num: float, den: float) -> float:
+        return min((num / den if den > 0 else 0.0) ** gamma, clip)
+
+    xi1 = [cosine(0, 2 + k) for k in range(s)]
+    xi2 = [cosine(1, 2 + k) for k in range(s)]
+    lam1 = [ratio(norms[0], norms[2 + k]) for k in range(s)]
+    lam2 = [ratio(norms[1], norms[0])] * s
+    case = [(1 if b > 0 else 2) if a > 0 else (3 if b > 0 else 4) for a, b in zip(xi1, xi2)]
+    per = max(s, 1)
+    dedicated = [lam / per if a > 0 else 0.0 for lam, a in zip(lam1, xi1)]
+    shared = sum(lam for lam, b in zip(lam2, xi2) if b > 0) / per
     return {"dedicated": dedicated, "shared": shared, "xi1": xi1, "xi2": xi2,
             "lambda1": lam1, "lambda2": lam2, "case": case}
 
@@ -122,8 +130,9 @@ class DRGrad(Balancer):
         self.personal_gate = check_bool("personal_gate", personal_gate)
         self.register_buffer("sigma", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("mu", torch.full((2,), 0.5, dtype=torch.float64))
-        self._route: Dict[str, torch.Tensor] = {}
-        self._routed_norms = torch.zeros(2, dtype=torch.float64)
+        self._route: Dict[str, Any] = {}
+        self._routed_norms = [0.0, 0.0]
+        self._vs_gram: Optional[Tuple[GramRows, float]] = None
 
     def resolve_primary(self, labels: List[str]) -> int:
         """Index of the primary task among ``labels`` (the data set's label names)."""
@@ -141,65 +150,68 @@ class DRGrad(Balancer):
         return 0 if self.primary_index is None else self.primary_index
 
     # ----------------------------------------------------------------- the method
-    def route(self, g1p: torch.Tensor, g1pp: torch.Tensor, secondary: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def route(
+        self, g1p: torch.Tensor, g1pp: torch.Tensor, secondary: Sequence[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Gradients for (v1, vs) from g1' [B, D], g1'' [B, D] and the secondary tasks'
-        gradients at vs [S, B, D]; updates σ, μ. Non-finite inputs: plain sums, no state change."""
+        gradients at vs (S tensors [B, D], or one [S, B, D]); updates σ, μ. Non-finite
+        inputs: plain sums, no state change."""
         with torch.no_grad():
-            vecs = torch.cat([g1p.unsqueeze(0), g1pp.unsqueeze(0), secondary])
-            gram = reduce_gram(local_gram(vecs), self.process_group)
-            plain_vs = g1pp + secondary.sum(0)
-            if not bool(torch.isfinite(gram).all()):
-                return g1p, plain_vs
+            others = list(secondary)
+            gram = self._reduced_gram([g1p, g1pp, *others])
+            if not gram_is_finite(gram):
+                return g1p, plain_sum([g1pp, *others])
             r = route_coefficients(gram, self.gamma, self.clip)
-            self._route = {k: v.detach().clone() for k, v in r.items()}
-            work = torch.promote_types(g1p.dtype, torch.float32)
-            ded = r["dedicated"].to(device=g1p.device, dtype=work)
-            out_v1 = g1p.to(work) + torch.einsum("s,s...->...", ded, secondary.to(work))
-            out_vs = plain_vs.to(work) + float(r["shared"]) * g1p.to(work)
+            self._route = r
+            ded, shared = r["dedicated"], r["shared"]
+            out_v1 = _nonzero_sum([1.0, *ded], [g1p, *others])
+            out_vs = _nonzero_sum([shared, 1.0] + [1.0] * len(others), [g1p, g1pp, *others])
             # ‖g1' + g'_R1‖ and ‖g1'' + g''_R1‖ from the Gram: quadratic forms q G q
-            n = gram.shape[0]
-            q1 = torch.zeros(n, dtype=torch.float64)
-            q1[0] = 1.0
-            q1[2:] = r["dedicated"]
-            q2 = torch.zeros(n, dtype=torch.float64)
-            q2[1] = 1.0
-            q2[0] = r["shared"]
-            g64 = gram.to("cpu", torch.float64)
-            norms = torch.stack([(q1 @ g64 @ q1).clamp_min(0).sqrt(), (q2 @ g64 @ q2).clamp_min(0).sqrt()])
-            self.update(norms)
-            self._telemetry(g64)
-            return out_v1.to(g1p.dtype), out_vs.to(g1pp.dtype)
+            q1 = [1.0, 0.0, *ded]
+            q2 = [shared, 1.0] + [0.0] * len(others)
+            self.update([math.sqrt(max(quad(gram, q1), 0.0)), math.sqrt(max(quad(gram, q2), 0.0))])
+            self._telemetry(gram)
+            return out_v1, out_vs
 
-    def update(self, routed_norms: torch.Tensor) -> torch.Tensor:
+    def update(self, routed_norms: Sequence[float]) -> List[float]:
         """Eq. 7: σ ← decay·σ + (‖g1'+g'_R1‖, ‖g1''+g''_R1‖); μ = softmax(σ). Returns μ."""
-        self._routed_norms = routed_norms.detach().to(torch.float64).cpu()
-        self.sigma.mul_(self.decay).add_(self._routed_norms.to(self.sigma))
-        self.mu.copy_(torch.softmax(self.sigma, dim=0))
+        self._routed_norms = [float(x) for x in routed_norms]
+        sigma = [self.decay * s + n for s, n in zip(self.sigma.tolist(), self._routed_norms)]
+        top = max(sigma)
+        exp = [math.exp(s - top) for s in sigma]
+        mu = [e / sum(exp) for e in exp]
+        self.sigma.copy_(torch.tensor(sigma, dtype=torch.float64))
+        self.mu.copy_(torch.tensor(mu, dtype=torch.float64))
         self._advance()
-        return self.mu.clone()
+        return mu
 
-    def _telemetry(self, gram: torch.Tensor) -> None:
-        """grad_norms [M]: primary = ‖(g1', g1'')‖, others ‖g_k‖; cosines at vs (g1'' for the primary)."""
+    def _telemetry(self, gram: GramRows) -> None:
+        """Keep the Gram at vs for `stats()`: rows of each task's gradient at vs (g1'' for the
+        primary), and the primary's norm ‖(g1', g1'')‖."""
         m, p = self.num_tasks, self.p
         task_rows = [0] * m  # row of the Gram holding each task's gradient at vs
         task_rows[p] = 1
         for j, k in enumerate(k for k in range(m) if k != p):
             task_rows[k] = 2 + j
-        sub = gram[task_rows][:, task_rows]
-        self._cosines = cosines_from_gram(sub)
-        norms = norms_from_gram(sub).clone()
-        norms[p] = math.sqrt(max(float(gram[0, 0] + gram[1, 1]), 0.0))
-        self._grad_norms = norms
+        sub = [[gram[i][j] for j in task_rows] for i in task_rows]
+        self._vs_gram = (sub, math.sqrt(max(gram[0][0] + gram[1][1], 0.0)))
 
     def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         """At a plain BalancePoint there is no dedicated path (g1' = 0): nothing to route, the
         result is the plain sum (the updater still runs). The model uses `DRGradPoint`."""
         p = self.p
-        others = torch.stack([grads[k] for k in range(self.num_tasks) if k != p])
+        others = [grads[k] for k in range(self.num_tasks) if k != p]
         _, out_vs = self.route(torch.zeros_like(grads[p]), grads[p], others)
         return out_vs
 
     def stats(self) -> Dict[str, Optional[torch.Tensor]]:
+        if self._vs_gram is not None:
+            sub, primary_norm = self._vs_gram
+            gram = torch.tensor(sub, dtype=torch.float64)
+            self._cosines = cosines_from_gram(gram)
+            self._grad_norms = norms_from_gram(gram)
+            self._grad_norms[self.p] = primary_norm
+            self._vs_gram = None
         out = super().stats()
         out["weights"] = None  # DRGrad does not weight tasks; μ is in extra_stats()
         return out
@@ -212,7 +224,7 @@ class DRGrad(Balancer):
             "mu": [float(x) for x in self.mu],
             "sigma": [float(x) for x in self.sigma],
             "routed_norms": [float(x) for x in self._routed_norms],
-            **{k: [float(x) for x in r[k].reshape(-1)] for k in ("xi1", "xi2", "lambda1", "lambda2", "case") if k in r},
+            **{k: [float(x) for x in r[k]] for k in ("xi1", "xi2", "lambda1", "lambda2", "case") if k in r},
         }
 
 
@@ -231,7 +243,7 @@ class _RouteFunction(torch.autograd.Function):
         ref = next(g for g in (g_v1, *g_vs) if g is not None)
         fill = lambda g: torch.zeros_like(ref) if g is None else g  # noqa: E731
         p = bal.p
-        secondary = torch.stack([fill(g_vs[k]) for k in range(bal.num_tasks) if k != p])
+        secondary = [fill(g_vs[k]) for k in range(bal.num_tasks) if k != p]
         out_v1, out_vs = bal.route(fill(g_v1), fill(g_vs[p]), secondary)
         point.last_balance_seconds = time.perf_counter() - start
         return None, out_v1, out_vs
