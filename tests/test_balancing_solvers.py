@@ -1,4 +1,5 @@
-"""Solvers of `balancing`: simplex projection, min-norm point, Nash-bargaining weights."""
+"""Solvers of `balancing`: simplex projection, min-norm point, Nash-bargaining weights, and
+the small float linear algebra under them."""
 from __future__ import annotations
 
 import itertools
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from balancing import min_norm_weights, nash_bargaining_weights, project_simplex
+from balancing.small_linalg import matvec, quad, solve
 
 
 def np_project_simplex(v: np.ndarray) -> np.ndarray:
@@ -91,3 +93,21 @@ def test_nash_bargaining_reports_non_convergence():
     assert not ok and alpha.shape == (2,)
     alpha, ok = nash_bargaining_weights(k, ridge=1e-6)  # the ridge makes it solvable
     assert ok
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_small_linalg_matches_numpy(n):
+    rng = np.random.default_rng(40 + n)
+    for _ in range(5):
+        a = rng.normal(size=(n, n))
+        a[0] = a[-1] * 1e-3 + a[0]  # needs pivoting now and then
+        b, x = rng.normal(size=n), rng.normal(size=n)
+        np.testing.assert_allclose(solve(a.tolist(), b.tolist()), np.linalg.solve(a, b), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(matvec(a.tolist(), x.tolist()), a @ x, rtol=1e-12)
+        np.testing.assert_allclose(quad(a.tolist(), x.tolist()), x @ a @ x, rtol=1e-12)
+
+
+def test_small_linalg_solve_reports_singular_systems():
+    assert solve([[1.0, 2.0], [2.0, 4.0]], [1.0, 2.0]) is None  # rank 1
+    assert solve([[0.0]], [1.0]) is None
+    assert solve([[1.0, 0.0], [0.0, 1.0]], [float("nan"), 1.0]) is None  # non-finite solution
