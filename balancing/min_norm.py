@@ -11,7 +11,7 @@ from typing import List
 import torch
 
 from .simplex import project_simplex_values
-from .small_linalg import Matrix, Vector, matvec, quad, solve
+from .small_linalg import Matrix, Vector, largest_eigenvalue, matvec, quad, solve
 
 
 def _two_task(k: Matrix) -> Vector:
@@ -57,21 +57,20 @@ def _polish(k: Matrix, a: Vector, support_tol: float) -> Vector:
 def min_norm_values(k: Matrix, max_iter: int = 500, tol: float = 1e-12) -> Vector:
     """Weights ``a`` on the simplex minimising ``aᵀ K a`` for a Gram K given as rows of floats.
 
-    FISTA with adaptive restart and step 1/trace(K) (trace >= the largest eigenvalue of the
-    PSD K), then `_polish`."""
+    FISTA with adaptive restart and step 1/lambda_max(K), then `_polish`."""
     m = len(k)
     if m == 1:
         return [1.0]
     if m == 2:
         return _two_task(k)
-    trace = sum(k[i][i] for i in range(m))
+    lip = largest_eigenvalue(k)
     a = [1.0 / m] * m
-    if trace <= 0:
+    if lip <= 0:
         return a
     y, t = list(a), 1.0
     f_a = quad(k, a)
     for _ in range(max_iter):
-        a_new = project_simplex_values([yi - ki / trace for yi, ki in zip(y, matvec(k, y))])
+        a_new = project_simplex_values([yi - ki / lip for yi, ki in zip(y, matvec(k, y))])
         f_new = quad(k, a_new)
         if f_new > f_a:  # adaptive restart keeps the iteration monotone
             y, t = list(a), 1.0

@@ -46,3 +46,30 @@ def solve(a: Sequence[Sequence[float]], b: Sequence[float]) -> Optional[Vector]:
     for i in range(n - 1, -1, -1):
         x[i] = (rows[i][n] - sum(rows[i][j] * x[j] for j in range(i + 1, n))) / rows[i][i]
     return x if all(math.isfinite(v) for v in x) else None
+
+
+def largest_eigenvalue(k: Sequence[Sequence[float]], sweeps: int = 50) -> float:
+    """Largest eigenvalue of the symmetric matrix K by cyclic Jacobi rotations (exact to
+    rounding for the few-by-few matrices here; a fixed-point step size 1/lambda_max needs it)."""
+    n = len(k)
+    a = [list(map(float, row)) for row in k]
+    for _ in range(sweeps):
+        off = sum(a[p][q] * a[p][q] for p in range(n) for q in range(p + 1, n))
+        scale = sum(a[i][i] * a[i][i] for i in range(n))
+        if off <= 1e-30 * scale or off == 0.0:
+            break
+        for p in range(n - 1):
+            for q in range(p + 1, n):
+                if a[p][q] == 0.0:
+                    continue
+                theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q])
+                t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1.0))
+                c = 1.0 / math.sqrt(t * t + 1.0)
+                s = t * c
+                for r in range(n):  # A <- A J (columns p, q)
+                    arp, arq = a[r][p], a[r][q]
+                    a[r][p], a[r][q] = c * arp - s * arq, s * arp + c * arq
+                for r in range(n):  # A <- Jᵀ A (rows p, q)
+                    apr, aqr = a[p][r], a[q][r]
+                    a[p][r], a[q][r] = c * apr - s * aqr, s * apr + c * aqr
+    return max(a[i][i] for i in range(n))

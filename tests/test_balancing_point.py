@@ -268,3 +268,21 @@ def test_non_finite_gradient_stays_visible(name):
     g = torch.randn(3, 5, 4)
     g[1, 2, 3] = float("nan")
     assert not torch.isfinite(bal.combine(g)).all()
+
+
+@pytest.mark.parametrize("name", available_methods())
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_degenerate_gradients_give_finite_results(name, m):
+    """A task with a zero gradient and two exactly opposite gradients (rank-deficient Gram,
+    quadratic forms that round below zero, singular Newton systems) must neither raise nor
+    produce a non-finite combined gradient, step after step."""
+    gen = torch.Generator().manual_seed(m)
+    bal = make_balancer(name, m, **({"weights": [1.0] * m} if name == "static" else {}))
+    for _ in range(6):
+        g = torch.randn(m, 7, 3, dtype=torch.float64, generator=gen)
+        g *= torch.logspace(-2, 1, m, dtype=torch.float64).view(m, 1, 1)
+        g[1] = -g[0]
+        if m > 2:
+            g[2] = 0.0
+        out = bal.combine(g)
+        assert out.shape == g.shape[1:] and torch.isfinite(out).all()

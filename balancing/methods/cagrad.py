@@ -19,22 +19,20 @@ from ..gram import GramRows
 from ..options import check_float, check_int
 from ..registry import register
 from ..simplex import project_simplex_values
-from ..small_linalg import Matrix, Vector, dot, matvec, quad, solve
+from ..small_linalg import Matrix, Vector, dot, largest_eigenvalue, matvec, quad, solve
 
 
 def solve_dual(k: Matrix, c: float, max_iter: int = 50, tol: float = 1e-9) -> Vector:
     """argmin over the simplex of F(w) = wᵀK1/M + c ||g0|| sqrt(wᵀKw), K as rows of floats.
 
     Accelerated projected gradient (FISTA) with backtracking and adaptive restart finds the
-    active face; `_polish` then solves the problem on that face exactly (Newton). The first
-    step is 1/trace(K) (trace >= the largest eigenvalue of the PSD K); backtracking shrinks it.
+    active face; `_polish` then solves the problem on that face exactly (Newton).
     """
     m = len(k)
     ones = [1.0 / m] * m
     lin = matvec(k, ones)
     radius = c * math.sqrt(max(dot(ones, lin), 0.0))  # c ||g0||
-    trace = sum(k[i][i] for i in range(m))
-    floor = 1e-30 * max(trace, 1e-300)
+    floor = 1e-30 * max(sum(k[i][i] for i in range(m)), 1e-300)
 
     def value(w: Vector) -> float:
         return dot(lin, w) + radius * math.sqrt(max(quad(k, w), floor))
@@ -44,9 +42,10 @@ def solve_dual(k: Matrix, c: float, max_iter: int = 50, tol: float = 1e-9) -> Ve
         norm = math.sqrt(max(dot(w, kw), floor))
         return [li + radius * x / norm for li, x in zip(lin, kw)]
 
-    if not trace > 0:  # all gradients zero: every w is optimal
+    top = largest_eigenvalue(k)
+    if not top > 0:  # all gradients zero: every w is optimal
         return ones
-    step = 1.0 / trace
+    step = 1.0 / top
     w = list(ones)
     f_w = value(w)
     y, t = list(w), 1.0
