@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from balancing import min_norm_weights, nash_bargaining_weights, project_simplex
-from balancing.small_linalg import matvec, quad, solve
+from balancing.small_linalg import largest_eigenvalue, matvec, quad, solve
 
 
 def np_project_simplex(v: np.ndarray) -> np.ndarray:
@@ -111,3 +111,15 @@ def test_small_linalg_solve_reports_singular_systems():
     assert solve([[1.0, 2.0], [2.0, 4.0]], [1.0, 2.0]) is None  # rank 1
     assert solve([[0.0]], [1.0]) is None
     assert solve([[1.0, 0.0], [0.0, 1.0]], [float("nan"), 1.0]) is None  # non-finite solution
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_largest_eigenvalue_matches_eigvalsh(n):
+    rng = np.random.default_rng(60 + n)
+    for rank in range(n + 1):  # PSD Gram matrices of every rank, zero included
+        g = rng.normal(size=(n, rank)) * rng.uniform(0.01, 10.0, size=(n, 1))
+        k = g @ g.T
+        np.testing.assert_allclose(largest_eigenvalue(k.tolist()), np.linalg.eigvalsh(k)[-1], rtol=1e-12, atol=1e-12)
+    sym = rng.normal(size=(n, n))
+    sym = sym + sym.T  # indefinite too
+    np.testing.assert_allclose(largest_eigenvalue(sym.tolist()), np.linalg.eigvalsh(sym)[-1], rtol=1e-12, atol=1e-12)
