@@ -63,4 +63,3 @@ class GradDrop(Balancer):
         self._last.weights = None
         self._advance()
         return out.to(grads[0].dtype)
-
