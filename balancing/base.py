@@ -239,21 +239,19 @@ def gram_is_finite(gram: GramRows) -> bool:
 class GramBalancer(Balancer):
     """Inner-product method: coefficients from the reduced Gram only, applied to LOCAL grads.
 
-    Subclasses implement `coefficients(gram) -> Tensor[M]` (float64), or, to stay off tensor
-    operations inside the backward pass, `coefficient_values(rows) -> M floats`. All ranks
-    see the same Gram, hence the same coefficients; a non-finite Gram (non-finite gradients)
+    Subclasses implement `coefficient_values(rows) -> M floats` on the Gram as rows of Python
+    floats (inside the backward pass one tensor operation on an M x M matrix costs more than
+    the arithmetic; `small_linalg` has the helpers). All ranks see the same Gram, hence the
+    same coefficients; a non-finite Gram (non-finite gradients)
     leaves the state untouched and returns the plain sum, so the trainer sees the non-finite
     gradient and can skip the step.
     """
 
     supports_pieces = True
 
-    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def coefficient_values(self, gram: GramRows) -> List[float]:
-        """The M coefficients as floats from the Gram rows; default: `coefficients`."""
-        return self.coefficients(torch.tensor(gram, dtype=GRAM_DTYPE)).detach().tolist()
+        """The M coefficients as floats from the global-batch Gram rows."""
+        raise NotImplementedError
 
     def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
         gram = self._global_gram(grads)

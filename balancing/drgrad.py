@@ -179,7 +179,8 @@ class DRGrad(Balancer):
         sigma = [self.decay * s + n for s, n in zip(self.sigma.tolist(), self._routed_norms)]
         top = max(sigma)
         exp = [math.exp(s - top) for s in sigma]
-        mu = [e / sum(exp) for e in exp]
+        total = sum(exp)
+        mu = [e / total for e in exp]
         self.sigma.copy_(torch.tensor(sigma, dtype=torch.float64))
         self.mu.copy_(torch.tensor(mu, dtype=torch.float64))
         self._advance()

@@ -19,9 +19,9 @@ def _objective(k: Matrix, a: Vector) -> float:
     return 0.5 * quad(k, a) - sum(math.log(x) for x in a)
 
 
-def _residual(k: Matrix, a: Vector) -> float:
-    """max_i |a_i (K a)_i - 1|: zero at the solution."""
-    return max(abs(ai * kai - 1.0) for ai, kai in zip(a, matvec(k, a)))
+def _residual(a: Vector, ka: Vector) -> float:
+    """max_i |a_i (K a)_i - 1| from a and K a: zero at the solution."""
+    return max(abs(ai * kai - 1.0) for ai, kai in zip(a, ka))
 
 
 def nash_bargaining_values(
@@ -51,7 +51,7 @@ def nash_bargaining_values(
         a = [x * math.sqrt(m / curvature) for x in a]
     for _ in range(max_iter):
         ka = matvec(k, a)
-        if max(abs(ai * kai - 1.0) for ai, kai in zip(a, ka)) <= tol:
+        if _residual(a, ka) <= tol:
             return a, True
         grad = [kai - 1.0 / ai for ai, kai in zip(a, ka)]
         hess = [[k[i][j] + (1.0 / (a[i] * a[i]) if i == j else 0.0) for j in range(m)] for i in range(m)]
@@ -68,7 +68,7 @@ def nash_bargaining_values(
         if t <= 1e-16:
             break
         a = [ai - t * si for ai, si in zip(a, step)]
-    return a, _residual(k, a) <= tol
+    return a, _residual(a, matvec(k, a)) <= tol
 
 
 def nash_bargaining_weights(

@@ -43,7 +43,7 @@ class MixingBalancer(GramBalancer):
     def __init__(self, num_tasks: int, seed: int = 0, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
         self.register_buffer("seed", torch.tensor(check_int("seed", seed, low=0), dtype=torch.long))
-        self._seed = int(self.seed)
+        self._seed = int(self.seed)  # read once: a buffer read is a tensor op in the backward pass
         self._mixing: Optional[List[List[float]]] = None
 
     @property
