@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..base import Balancer, weighted_sum
+from ..base import Balancer, weighted_sum, work_dtype
 from ..gram import TaskGrad
 from ..options import check_bool, check_choice, check_per_task
 from ..registry import register
@@ -48,7 +48,7 @@ class CoGrad(Balancer):
         self.per_sample = check_bool("per_sample", per_sample)
 
     def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
-        self._global_gram(grads)  # telemetry only
+        self._telemetry_gram(grads)
         if isinstance(grads[0], tuple):  # element-wise: piece by piece
             out: TaskGrad = tuple(self._corrected([g[k] for g in grads]) for k in range(len(grads[0])))
         else:
@@ -59,7 +59,8 @@ class CoGrad(Balancer):
 
     def _corrected(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """sum_i w_i ĝ_i for per-task tensors of one shape [B, ...]."""
-        work = torch.promote_types(grads[0].dtype, torch.float32)
+        on_device = self.on_device(grads)
+        work = work_dtype(grads, on_device)
         g = [t if t.dtype == work else t.to(work) for t in grads]
         w, gamma = self.weights, self.gamma
         scale = float(g[0].shape[0] * self._world_size()) if self.per_sample else 1.0
@@ -68,7 +69,7 @@ class CoGrad(Balancer):
         #   fisher:     H_i g_j = scale² g_i ⊙ g_i ⊙ g_j
         #               -> (g_i ⊙ g_j) ⊙ (w_i gamma_j g_i + w_j gamma_i g_j) scale²
         #   algorithm1: H_i g_j = scale g_i ⊙ g_j -> (g_i ⊙ g_j) (w_i gamma_j + w_j gamma_i) scale
-        out = weighted_sum(w, g)
+        out = weighted_sum(w, g, on_device)
         for i in range(self.num_tasks):
             for j in range(i + 1, self.num_tasks):
                 both = g[i] * g[j]

@@ -14,33 +14,58 @@ ema=True, direction="cosine".
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from ..base import GramBalancer
+from ..device_linalg import project_simplex_tensor
 from ..gram import GramRows
 from ..options import check_bool, check_choice, check_float
 from ..registry import register
 from ..simplex import project_simplex_values
 
+Numbers = Union[List[float], torch.Tensor]
+
 
 class _State:
-    """MultiBalance's 2M numbers as plain floats: read and written in every backward pass,
-    where each tensor operation costs more than the arithmetic. Not an nn.Module attribute
-    store (slow to set); checkpointed through `MultiBalance.get_extra_state`."""
+    """MultiBalance's 2M numbers, checkpointed through `MultiBalance.get_extra_state`: plain
+    floats on the host path, tensors on the gradients' device on the device path (each path
+    converts what it finds; a plain object because it is written in every backward pass)."""
 
-    __slots__ = ("lambdas", "ema_norms")
+    __slots__ = ("lambdas", "ema_norms", "started")
 
     def __init__(self, num_tasks: int) -> None:
-        self.lambdas: List[float] = [1.0 / num_tasks] * num_tasks
-        self.ema_norms: Optional[List[float]] = None  # None until the first step observes norms
+        self.lambdas: Numbers = [1.0 / num_tasks] * num_tasks
+        self.ema_norms: Optional[Numbers] = None  # None until the first step observes norms (host)
+        self.started: Optional[torch.Tensor] = None  # device path: 0-d bool, EMA initialised
+
+    def floats(self) -> None:
+        """Host path: the state as lists of floats."""
+        if isinstance(self.lambdas, torch.Tensor):
+            started = bool(self.started)
+            self.ema_norms = self.ema_norms.tolist() if started else None  # type: ignore[union-attr]
+            self.lambdas, self.started = self.lambdas.tolist(), None
+
+    def tensors(self, device: torch.device, num_tasks: int) -> None:
+        """Device path: the state as float64 tensors on ``device`` (host-to-device copies only)."""
+        if isinstance(self.lambdas, torch.Tensor):
+            if self.lambdas.device != device:
+                self.lambdas, self.ema_norms, self.started = (
+                    t.to(device) for t in (self.lambdas, self.ema_norms, self.started)  # type: ignore[union-attr]
+                )
+            return
+        self.started = torch.tensor(self.ema_norms is not None).to(device)
+        self.ema_norms = torch.tensor(self.ema_norms or [0.0] * num_tasks, dtype=torch.float64).to(device)
+        self.lambdas = torch.tensor(self.lambdas, dtype=torch.float64).to(device)
 
 
 @register("multibalance")
 class MultiBalance(GramBalancer):
     """MultiBalance (see module docstring). State: ``lambdas`` lam and ``ema_norms`` u, in
     ``state_dict()`` under ``_extra_state``."""
+
+    device_path = True
 
     def __init__(
         self,
@@ -62,19 +87,26 @@ class MultiBalance(GramBalancer):
 
     @property
     def lambdas(self) -> torch.Tensor:
-        """Current simplex weights lam [M] (float64, a copy)."""
-        return torch.tensor(self._state.lambdas, dtype=torch.float64)
+        """Current simplex weights lam [M] (float64, a host copy)."""
+        return torch.as_tensor(self._state.lambdas, dtype=torch.float64).cpu().clone()
 
     @property
     def ema_norms(self) -> torch.Tensor:
-        """EMA of the per-task gradient norms u [M] (float64, a copy; zeros before step 1)."""
-        return torch.tensor(self._state.ema_norms or [0.0] * self.num_tasks, dtype=torch.float64)
+        """EMA of the per-task gradient norms u [M] (float64, a host copy; zeros before step 1)."""
+        state = self._state
+        if state.ema_norms is None or (state.started is not None and not bool(state.started)):
+            return torch.zeros(self.num_tasks, dtype=torch.float64)
+        return torch.as_tensor(state.ema_norms, dtype=torch.float64).cpu().clone()
 
     def get_extra_state(self) -> Dict[str, torch.Tensor]:
+        ema = self.ema_norms
+        started = self._state.started
         return {
             "lambdas": self.lambdas,
-            "ema_norms": self.ema_norms,
-            "ema_started": torch.tensor(self._state.ema_norms is not None),
+            "ema_norms": ema,
+            "ema_started": torch.tensor(
+                bool(started) if started is not None else self._state.ema_norms is not None
+            ),
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -87,10 +119,12 @@ class MultiBalance(GramBalancer):
             )
         self._state.lambdas = [float(x) for x in lam]
         self._state.ema_norms = [float(x) for x in ema] if bool(state["ema_started"]) else None
+        self._state.started = None
 
     def coefficient_values(self, g: GramRows) -> List[float]:
         # M x M arithmetic on plain floats (see _State).
         m, state = self.num_tasks, self._state
+        state.floats()
         norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(m)]
         if self.ema:
             if state.ema_norms is None:
@@ -112,3 +146,26 @@ class MultiBalance(GramBalancer):
         lam = project_simplex_values([lj - self.beta * dj for lj, dj in zip(lam, d)])
         state.lambdas = lam
         return [m * lj * sj for lj, sj in zip(lam, scale)]
+
+    def coefficient_tensor(self, g: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """`coefficient_values` with tensors; the state changes only where ``finite``."""
+        m, state = self.num_tasks, self._state
+        state.tensors(g.device, m)
+        lam, ema, started = state.lambdas, state.ema_norms, state.started
+        norms = g.diagonal().clamp_min(0.0).sqrt()
+        if self.ema:
+            u = torch.where(started, (1 - self.gamma) * ema + self.gamma * norms, norms)
+            scale = torch.where(norms > 0, u / torch.where(norms > 0, norms, 1.0), 0.0)
+            state.ema_norms = torch.where(finite, u, ema)
+            state.started = started | finite
+        else:
+            scale = torch.ones_like(norms)
+        gram_v = scale.unsqueeze(1) * g * scale.unsqueeze(0)
+        mix = lam + self.rho / m
+        d = gram_v @ mix
+        if self.direction == "cosine":
+            denom = gram_v.diagonal().clamp_min(0.0).sqrt() * (mix @ d).clamp_min(0.0).sqrt()
+            d = torch.where(denom > 0, d / torch.where(denom > 0, denom, 1.0), 0.0)
+        new = project_simplex_tensor(lam - self.beta * d)
+        state.lambdas = torch.where(finite, new, lam)
+        return m * new * scale
