@@ -55,6 +55,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0
     threads_per_rank: int = 1
+    # "auto": CUDA when this process sees a GPU, else the CPU; "cuda" fails before launch without one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # non-finite steps in a row after which the run saves a checkpoint and stops
     max_nonfinite_in_row: int = 20
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from trainer.build import build_balancer
 from trainer.config import Config, ConfigError
 from trainer.data.schema import Schema
+from trainer.distributed import resolve_device
 from trainer.loop import local_batch_size
 
 
@@ -22,6 +23,7 @@ def preflight(cfg: Config, world_size: int) -> Schema:
         build_balancer(cfg, len(schema.labels))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    resolve_device(cfg.train.device, world_size)
     local_batch_size(cfg.data.global_batch_size, world_size, "data.global_batch_size")
     local_batch_size(cfg.data.eval_batch_size, world_size, "data.eval_batch_size")
     return schema

@@ -28,7 +28,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing.methods.pub import PUB
-from trainer.param_level import ParameterLevelBalancing
+from balancing.parameter_level import ParameterLevelBalancing
 
 
 class PUBLevel(ParameterLevelBalancing):
