@@ -22,6 +22,7 @@ backward pass (see `coefficient_tensor`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -44,6 +45,15 @@ from .gram import (
 from .telemetry import LastStep
 
 PATHS = ("auto", "host", "device")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a data set tells a balancer about its tasks: the label names (in task order) and,
+    for methods that ask for them (`Balancer.needs_label_rates`), the training label rates."""
+
+    names: Tuple[str, ...]
+    label_rates: Optional[Tuple[float, ...]] = None
 
 
 class Balancer(nn.Module):
@@ -90,6 +100,19 @@ class Balancer(nn.Module):
         self._path = value
 
     # ----------------------------------------------------------------- public API
+    @property
+    def needs_label_rates(self) -> bool:
+        """True when `bind_tasks` must be given the training label rates (read from the data,
+        which costs a pass over the label columns, so only methods that need them ask)."""
+        return False
+
+    def bind_tasks(self, info: TaskInfo) -> None:
+        """Called once by the model builder, before training, with the data set's tasks:
+        methods that name tasks or weigh them by their label priors resolve that here."""
+        if len(info.names) != self.num_tasks:
+            raise ValueError(f"{self.method_name}: the data set has {len(info.names)} tasks "
+                             f"({', '.join(info.names)}), this balancer {self.num_tasks}")
+
     def loss(self, losses: torch.Tensor) -> torch.Tensor:
         """Scalar to call ``.backward()`` on, from the per-task losses [M]. Default: their sum."""
         return self._check_losses(losses).sum()

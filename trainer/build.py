@@ -6,10 +6,11 @@ import dataclasses
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from balancing import Balancer, make_balancer
+from balancing import Balancer, TaskInfo, make_balancer
 from models.drgrad import DRGradRanker
 from models.ranker import MultiTaskRanker, RankerSpec
 from trainer.config import Config
+from trainer.data.label_rates import label_rates
 from trainer.data.schema import Schema
 
 
@@ -31,7 +32,10 @@ def embedding_tables(schema: Schema) -> list[EmbeddingBagConfig]:
     ]
 
 
-def build_balancer(cfg: Config, num_tasks: int, process_group: object | None = None) -> Balancer:
+def build_balancer(cfg: Config, num_tasks: int, process_group: object | None = None,
+                   schema: Schema | None = None) -> Balancer:
+    """The configured balancer; with ``schema``, bound to the data set's tasks (and their
+    training label rates when the method asks for them)."""
     if cfg.balance.method == "drgrad":  # DRGrad is a model (split-MMoE) + its router
         if cfg.model.kind != "mmoe":
             raise ValueError(
@@ -46,7 +50,11 @@ def build_balancer(cfg: Config, num_tasks: int, process_group: object | None = N
     options = dict(cfg.balance.options)
     if process_group is not None:
         options["process_group"] = process_group
-    return make_balancer(cfg.balance.method, num_tasks, **options)
+    balancer = make_balancer(cfg.balance.method, num_tasks, **options)
+    if schema is not None:
+        rates = label_rates(cfg.data.path, schema) if balancer.needs_label_rates else None
+        balancer.bind_tasks(TaskInfo(tuple(schema.labels), rates))
+    return balancer
 
 
 def build_model(
@@ -55,7 +63,7 @@ def build_model(
     """The model with the configured balancer at its balance point (or `point_balancer`).
 
     ``balance.method = "drgrad"`` selects DRGrad's split-MMoE (models/drgrad.py) built from
-    the MMoE keys; ``"pub"`` balances parameter updates (trainer/pub.py), so its model's
+    the MMoE keys; ``"pub"`` balances parameter updates (balancing/methods/pub.py, PUBStep), so its model's
     balance point passes the plain sum (``equal``)."""
     spec = RankerSpec(**dataclasses.asdict(cfg.model))
     if point_balancer is None and cfg.balance.method == "drgrad":
@@ -72,6 +80,6 @@ def build_model(
         num_dense=len(schema.dense),
         num_tasks=len(schema.labels),
         spec=spec,
-        balancer=point_balancer or build_balancer(cfg, len(schema.labels)),
+        balancer=point_balancer or build_balancer(cfg, len(schema.labels), schema=schema),
         device=device,
     )

@@ -50,6 +50,8 @@ class TrainConfig:
     epochs: float = 1.0
     seed: int = 0
     dense_lr: float = 1e-3
+    # L2 weight decay of the dense Adam (torch.optim.Adam's weight_decay); PUB's paper uses 1e-6
+    weight_decay: float = 0.0
     embedding_optimizer: Literal["sgd", "adagrad", "rowwise_adagrad"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
     log_every: int = 50
@@ -199,6 +201,8 @@ def _check_ranges(cfg: Config) -> None:
     }.items():
         if not value > 0:
             raise ConfigError(f"config key '{key}': {value} is not allowed; expected a number > 0")
+    if not cfg.train.weight_decay >= 0:
+        raise ConfigError(f"config key 'train.weight_decay': {cfg.train.weight_decay} is not allowed; expected a number >= 0")
     for key in ("model.dense_layers", "model.shared_layers", "model.expert_layers", "model.tower_layers"):
         section, name = key.split(".")
         layers = getattr(cfg.model, name)

@@ -30,7 +30,7 @@ from trainer.gauc import UserGAUC
 from trainer.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
 from trainer.metrics import TaskMetrics, Throughput, global_mean, gpu_memory
 from balancing.parameter_level import ParameterLevelBalancing, own_rank_group
-from trainer.pub import PUBLevel
+from balancing.methods.pub import PUBStep
 from trainer.progress import ConsoleProgress
 from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
 
@@ -88,16 +88,13 @@ class Trainer:
         self.schema = Schema.load(root / "schema.json")
         self.tasks = list(self.schema.labels)
         torch.manual_seed(cfg.train.seed)
-        self.param_level: ParameterLevelBalancing | PUBLevel | None = None
+        self.param_level: ParameterLevelBalancing | PUBStep | None = None
         model = self._build_model()
         self.model = shard_model(
             model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
         )
-        self.optimizer = (
-            self.param_level.make_optimizer(self.model, cfg.train.dense_lr)
-            if isinstance(self.param_level, PUBLevel)
-            else make_optimizer(self.model, cfg.train.dense_lr)
-        )
+        owned = self.param_level.params if isinstance(self.param_level, PUBStep) else ()
+        self.optimizer = make_optimizer(self.model, cfg.train.dense_lr, cfg.train.weight_decay, exclude=owned)
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
         self.guard = NonFiniteGuard(self.ranker.sparse_arch)
         self.local_batch = local_batch_size(cfg.data.global_batch_size, env.world_size, "data.global_batch_size")
@@ -134,10 +131,10 @@ class Trainer:
         if cfg.balance.method != "pub" and cfg.balance.level != "parameters":
             return build_model(cfg, self.schema)
         model = build_model(cfg, self.schema, point_balancer=make_balancer("equal", tasks))
-        balancer = build_balancer(cfg, tasks, process_group=own_rank_group())
+        balancer = build_balancer(cfg, tasks, process_group=own_rank_group(), schema=self.schema)
         shared = model.shared_dense_parameters()
         if cfg.balance.method == "pub":
-            self.param_level = PUBLevel(shared, balancer, cfg.train.dense_lr)
+            self.param_level = PUBStep(shared, balancer, cfg.train.dense_lr, cfg.train.weight_decay)
         else:
             self.param_level = ParameterLevelBalancing(shared, balancer)
         model.add_module("parameter_balancer", balancer)

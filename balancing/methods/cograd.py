@@ -10,19 +10,40 @@ sizes assumed) and gamma means the same for every batch size. ``per_sample=False
 batch-mean g_i itself inside the products (the paper's parameter-level formula verbatim).
 Element-wise: no communication is needed for the combine. ``stats()`` grad_norms/cosines
 still come from the reduced Gram (M² numbers a step) -- telemetry only, not used here.
-Options: gamma=0.1 (number or M numbers, indexed by j), weights (M numbers, default ones),
-form="fisher", per_sample=True.
+Options: gamma=0.1 (number or M numbers, indexed by j), weights (M numbers, default ones,
+or "prior_entropy": w_i = 1 / H(p_i) with H the entropy of task i's training label rate
+p_i, the paper's "loss scaling weights ... based on priori statistical cross-entropy",
+which turns the weighted loss into a sum of NEs), form="fisher", per_sample=True. The
+paper's own setting (parameter level, gamma {0.01, 0.005} or {0.003, 0.001}):
+configs/census_cograd_paper.toml and docs/methods.md.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..base import Balancer, weighted_sum, work_dtype
+from ..base import Balancer, TaskInfo, weighted_sum, work_dtype
 from ..gram import TaskGrad
 from ..options import check_bool, check_choice, check_per_task
 from ..registry import register
+
+
+PRIOR_ENTROPY = "prior_entropy"
+
+
+def prior_entropy_weights(rates: Sequence[float]) -> list[float]:
+    """1 / H(p) per task, H(p) = -(p log p + (1-p) log(1-p)) the log loss of always predicting
+    the label rate p: with these weights a task's weighted loss is its NE. A rate of 0 or 1
+    (a constant label) has no entropy to scale by and gets weight 0."""
+    out = []
+    for p in rates:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"cograd: a label rate must be in [0, 1], got {p!r}")
+        h = -(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0.0 < p < 1.0 else 0.0
+        out.append(1.0 / h if h > 0 else 0.0)
+    return out
 
 
 @register("cograd")
@@ -35,19 +56,42 @@ class CoGrad(Balancer):
         self,
         num_tasks: int,
         gamma: Union[float, Sequence[float]] = 0.1,
-        weights: Optional[Sequence[float]] = None,
+        weights: Union[None, str, Sequence[float]] = None,
         form: str = "fisher",
         per_sample: bool = True,
         process_group: Optional[Any] = None,
     ) -> None:
         super().__init__(num_tasks, process_group)
         self.gamma = tuple(check_per_task("gamma", gamma, num_tasks))
-        w = [1.0] * num_tasks if weights is None else check_per_task("weights", weights, num_tasks, low=0.0)
+        if isinstance(weights, str) and weights != PRIOR_ENTROPY:
+            raise ValueError(f"balance option 'weights' must be {num_tasks} numbers >= 0 or '{PRIOR_ENTROPY}', "
+                             f"got {weights!r}")
+        self.prior_entropy = weights == PRIOR_ENTROPY
+        if self.prior_entropy or weights is None:
+            w = [1.0] * num_tasks  # prior_entropy: set by bind_tasks
+        else:
+            w = check_per_task("weights", weights, num_tasks, low=0.0)
         self.weights = tuple(w)
+        self._bound = not self.prior_entropy
         self.form = check_choice("form", form, ("fisher", "algorithm1"))
         self.per_sample = check_bool("per_sample", per_sample)
 
+    @property
+    def needs_label_rates(self) -> bool:
+        return self.prior_entropy
+
+    def bind_tasks(self, info: TaskInfo) -> None:
+        super().bind_tasks(info)
+        if not self.prior_entropy:
+            return
+        if info.label_rates is None:
+            raise ValueError("cograd: weights='prior_entropy' needs the tasks' training label rates")
+        self.weights = tuple(prior_entropy_weights(info.label_rates))
+        self._bound = True
+
     def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
+        if not self._bound:
+            raise RuntimeError("cograd: weights='prior_entropy' are unknown until bind_tasks() gives the label rates")
         self._telemetry_gram(grads)
         if isinstance(grads[0], tuple):  # element-wise: piece by piece
             out: TaskGrad = tuple(self._corrected([g[k] for g in grads]) for k in range(len(grads[0])))

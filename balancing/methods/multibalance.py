@@ -14,18 +14,30 @@ ema=True, direction="cosine".
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from ..base import GramBalancer
 from ..device_linalg import project_simplex_tensor
 from ..gram import GramRows
-from ..options import check_bool, check_choice, check_float
+from ..options import check_bool, check_choice, check_float, check_per_task
 from ..registry import register
 from ..simplex import project_simplex_values
 
 Numbers = Union[List[float], torch.Tensor]
+OUTPUTS = ("sum", "average")
+
+
+def _simplex_point(name: str, value: Optional[Sequence[float]], num_tasks: int) -> List[float]:
+    """Uniform for None, else M numbers >= 0 with a positive sum, scaled to sum 1."""
+    if value is None:
+        return [1.0 / num_tasks] * num_tasks
+    weights = check_per_task(name, value, num_tasks, low=0.0)
+    total = sum(weights)
+    if not total > 0:
+        raise ValueError(f"balance option {name!r} must have a positive sum (task preferences), got {value!r}")
+    return [w / total for w in weights]
 
 
 class _State:
@@ -35,8 +47,8 @@ class _State:
 
     __slots__ = ("lambdas", "ema_norms", "started")
 
-    def __init__(self, num_tasks: int) -> None:
-        self.lambdas: Numbers = [1.0 / num_tasks] * num_tasks
+    def __init__(self, prior: List[float]) -> None:
+        self.lambdas: Numbers = list(prior)
         self.ema_norms: Optional[Numbers] = None  # None until the first step observes norms (host)
         self.started: Optional[torch.Tensor] = None  # device path: 0-d bool, EMA initialised
 
@@ -75,6 +87,8 @@ class MultiBalance(GramBalancer):
         gamma: float = 0.01,
         ema: bool = True,
         direction: str = "cosine",
+        prior: Optional[Sequence[float]] = None,
+        output: str = "sum",
         process_group: Optional[Any] = None,
     ) -> None:
         super().__init__(num_tasks, process_group)
@@ -83,7 +97,11 @@ class MultiBalance(GramBalancer):
         self.gamma = check_float("gamma", gamma, low=0.0, high=1.0)
         self.ema = check_bool("ema", ema)
         self.direction = check_choice("direction", direction, ("cosine", "gradient"))
-        self._state = _State(num_tasks)
+        self.prior = _simplex_point("prior", prior, num_tasks)
+        self.output = check_choice("output", output, OUTPUTS)
+        #: M·Σλv ("sum": uniform λ without rescaling is the plain sum) or Σλv ("average", the paper's)
+        self._out_scale = float(num_tasks) if self.output == "sum" else 1.0
+        self._state = _State(self.prior)
 
     @property
     def lambdas(self) -> torch.Tensor:
@@ -137,7 +155,7 @@ class MultiBalance(GramBalancer):
             scale = [1.0] * m
         gram_v = [[scale[i] * g[i][j] * scale[j] for j in range(m)] for i in range(m)]
         lam = state.lambdas
-        mix = [lj + self.rho / m for lj in lam]  # lam + rho * lam0, lam0 = uniform
+        mix = [lj + self.rho * pj for lj, pj in zip(lam, self.prior)]  # lam + rho * lam0
         d = [sum(gram_v[i][j] * mix[j] for j in range(m)) for i in range(m)]  # V_i . (V mix)
         if self.direction == "cosine":
             mix_norm = math.sqrt(max(sum(mj * dj for mj, dj in zip(mix, d)), 0.0))
@@ -145,7 +163,7 @@ class MultiBalance(GramBalancer):
             d = [di / (vn * mix_norm) if vn * mix_norm > 0 else 0.0 for di, vn in zip(d, v_norms)]
         lam = project_simplex_values([lj - self.beta * dj for lj, dj in zip(lam, d)])
         state.lambdas = lam
-        return [m * lj * sj for lj, sj in zip(lam, scale)]
+        return [self._out_scale * lj * sj for lj, sj in zip(lam, scale)]
 
     def coefficient_tensor(self, g: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         """`coefficient_values` with tensors; the state changes only where ``finite``."""
@@ -161,11 +179,11 @@ class MultiBalance(GramBalancer):
         else:
             scale = torch.ones_like(norms)
         gram_v = scale.unsqueeze(1) * g * scale.unsqueeze(0)
-        mix = lam + self.rho / m
+        mix = lam + self.rho * torch.tensor(self.prior, dtype=g.dtype).to(g.device, non_blocking=True)
         d = gram_v @ mix
         if self.direction == "cosine":
             denom = gram_v.diagonal().clamp_min(0.0).sqrt() * (mix @ d).clamp_min(0.0).sqrt()
             d = torch.where(denom > 0, d / torch.where(denom > 0, denom, 1.0), 0.0)
         new = project_simplex_tensor(lam - self.beta * d)
         state.lambdas = torch.where(finite, new, lam)
-        return m * new * scale
+        return self._out_scale * new * scale
