@@ -1,23 +1,11 @@
 """The `Balancer` base classes: input checks, step counter, telemetry, Gram-first combine.
 
-Every balancer maps the per-task gradients at the balance point -- a tensor [M, B, ...] or a
-sequence of M tensors [B, ...] -- to one combined gradient [B, ...]. Dimension 0 of each
-task's gradient is the (local) batch. Methods receive a tuple of M tensors (the node hands
-over the gradients autograd produced, without stacking them into a copy). State that
-changes during training (EMAs, weights, step counter, seeds) lives in buffers/parameters,
-so it is in ``state_dict()``; options are plain attributes fixed at construction.
-
-``stats()["weights"]`` convention: the effective per-task multipliers ``c`` of the combined
-gradient ``sum_m c_m g_m`` (for methods whose combination is linear in the gradients, which
-includes the projection methods pcgrad/gradvac whose mixing matrix collapses to column
-sums), the loss multipliers for `uncertainty`, the option weights for `cograd`, and None
-for `graddrop` (an element-wise random mask has no per-task multiplier).
-
-Two paths, chosen per device (`Balancer.path`): on the CPU the Gram comes to the host as
-floats and the M x M arithmetic runs in Python (cheaper than tensor operations on a 2 x 2
-matrix); elsewhere (CUDA) methods with ``device_path = True`` keep the Gram, its
-all-reduce, the solve and the combination on the device, with no host read in the
-backward pass (see `coefficient_tensor`).
+A balancer maps the M per-task gradients at the balance point (dimension 0 of each: the
+local batch) to one combined gradient; its state is in ``state_dict()``, its options are
+fixed at construction. ``stats()["weights"]`` are the effective multipliers c of
+``sum_m c_m g_m`` (the loss multipliers for `uncertainty`, None for `graddrop`).
+Two paths, chosen per device (`Balancer.path`): the host path (the Gram as Python floats,
+see `small_linalg`) on the CPU, the device path (`coefficient_tensor`) elsewhere.
 """
 from __future__ import annotations
 
@@ -76,9 +64,8 @@ class Balancer(nn.Module):
         self.num_tasks = num_tasks
         #: data-parallel group whose ranks hold the other rows of the batch (None: default group)
         self.process_group = process_group
-        #: combine calls that updated the state, in `state_dict()` as ``step``. The live count
-        #: is the Python int `steps_done` (a tensor increment costs ~15 µs inside the backward
-        #: pass); the buffer is written when the state is saved and read when it is loaded.
+        #: combine calls that updated the state, in `state_dict()` as ``step``; the live count
+        #: is the Python int `steps_done`, written to the buffer when the state is saved.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._steps = 0
         self._grad_norms = torch.zeros(num_tasks, dtype=torch.float64)
@@ -355,11 +342,10 @@ class GramBalancer(Balancer):
     """Inner-product method: coefficients from the reduced Gram only, applied to LOCAL grads.
 
     Subclasses implement `coefficient_values(rows) -> M floats` on the Gram as rows of Python
-    floats (inside the backward pass one tensor operation on an M x M matrix costs more than
-    the arithmetic; `small_linalg` has the helpers). All ranks see the same Gram, hence the
-    same coefficients; a non-finite Gram (non-finite gradients)
-    leaves the state untouched and returns the plain sum, so the trainer sees the non-finite
-    gradient and can skip the step.
+    floats (and `coefficient_tensor` for the device path). All ranks see the same Gram, hence
+    the same coefficients; a non-finite Gram (non-finite gradients) leaves the state
+    untouched and returns the plain sum, so the trainer sees the non-finite gradient and can
+    skip the step.
     """
 
     supports_pieces = True
