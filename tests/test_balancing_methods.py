@@ -408,3 +408,14 @@ def test_multibalance_prior_and_output_scale():
     for bad, needle in (([1.0], "one entry per task"), ([0.0, 0.0], "positive sum"), ([-1.0, 2.0], r"'prior\[0\]'")):
         with pytest.raises(ValueError, match=needle):
             make_balancer("multibalance", 2, prior=bad)
+
+
+def test_cograd_tracks_the_size_of_its_correction():
+    bal = make_balancer("cograd", 2, gamma=[50.0, 20.0], track_correction=True)
+    g = torch.randn(2, 16, 4, dtype=torch.float64) * 1e-2
+    out = bal.combine(g)
+    plain = g[0] + g[1]
+    expected = float((out - plain).norm() / plain.norm())
+    assert expected > 1e-3
+    assert bal.extra_stats()["correction_ratio_last"] == pytest.approx(expected, rel=1e-9)
+    assert make_balancer("cograd", 2).extra_stats() == {}

@@ -13,7 +13,8 @@ still come from the reduced Gram (M² numbers a step) -- telemetry only, not use
 Options: gamma=0.1 (number or M numbers, indexed by j), weights (M numbers, default ones,
 or "prior_entropy": w_i = 1 / H(p_i) with H the entropy of task i's training label rate
 p_i, the paper's "loss scaling weights ... based on priori statistical cross-entropy",
-which turns the weighted loss into a sum of NEs), form="fisher", per_sample=True. The
+which turns the weighted loss into a sum of NEs), form="fisher", per_sample=True, track_correction=False (measure the correction's size, a
+host read per step: for sweeps). The
 paper's own setting (parameter level, gamma {0.01, 0.005} or {0.003, 0.001}):
 configs/census_cograd_paper.toml and docs/methods.md.
 """
@@ -25,6 +26,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 
 from ..base import Balancer, TaskInfo, weighted_sum, work_dtype
+from ..distributed import all_reduce_sum
 from ..gram import TaskGrad
 from ..options import check_bool, check_choice, check_per_task
 from ..registry import register
@@ -59,6 +61,7 @@ class CoGrad(Balancer):
         weights: Union[None, str, Sequence[float]] = None,
         form: str = "fisher",
         per_sample: bool = True,
+        track_correction: bool = False,
         process_group: Optional[Any] = None,
     ) -> None:
         super().__init__(num_tasks, process_group)
@@ -75,6 +78,9 @@ class CoGrad(Balancer):
         self._bound = not self.prior_entropy
         self.form = check_choice("form", form, ("fisher", "algorithm1"))
         self.per_sample = check_bool("per_sample", per_sample)
+        #: measure ||correction|| / ||sum_i w_i g_i|| each step (global batch; reads it on the host)
+        self.track_correction = check_bool("track_correction", track_correction)
+        self._ratio_sum, self._ratio_last, self._ratio_steps = 0.0, 0.0, 0
 
     @property
     def needs_label_rates(self) -> bool:
@@ -93,13 +99,32 @@ class CoGrad(Balancer):
         if not self._bound:
             raise RuntimeError("cograd: weights='prior_entropy' are unknown until bind_tasks() gives the label rates")
         self._telemetry_gram(grads)
-        if isinstance(grads[0], tuple):  # element-wise: piece by piece
-            out: TaskGrad = tuple(self._corrected([g[k] for g in grads]) for k in range(len(grads[0])))
-        else:
-            out = self._corrected(grads)
+        parts = [[g[k] for g in grads] for k in range(len(grads[0]))] if isinstance(grads[0], tuple) else [grads]
+        outs = [self._corrected(p) for p in parts]  # element-wise: piece by piece
+        out: TaskGrad = tuple(outs) if isinstance(grads[0], tuple) else outs[0]
+        if self.track_correction:
+            self._track([weighted_sum(self.weights, p) for p in parts], outs)
         self._last.weights = self.weights
         self._advance()
         return out
+
+    def _track(self, plain: Sequence[torch.Tensor], corrected: Sequence[torch.Tensor]) -> None:
+        """||corrected - plain|| / ||plain|| over the global batch, kept for `extra_stats`."""
+        sums = torch.stack([
+            sum(((c.double() - p.double()) ** 2).sum() for p, c in zip(plain, corrected)),
+            sum((p.double() ** 2).sum() for p in plain),
+        ])
+        correction, base = all_reduce_sum(sums, self.process_group).tolist()
+        ratio = math.sqrt(correction / base) if base > 0 else 0.0
+        self._ratio_last, self._ratio_sum, self._ratio_steps = ratio, self._ratio_sum + ratio, self._ratio_steps + 1
+
+    def extra_stats(self) -> dict:
+        """With ``track_correction``: the correction's size relative to the plain weighted sum."""
+        if not self.track_correction:
+            return {}
+        mean = self._ratio_sum / self._ratio_steps if self._ratio_steps else 0.0
+        return {"correction_ratio_last": self._ratio_last, "correction_ratio_mean": mean,
+                "correction_steps": self._ratio_steps}
 
     def _corrected(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """sum_i w_i ĝ_i for per-task tensors of one shape [B, ...]."""
