@@ -1,7 +1,7 @@
 """DRGrad against the paper's equations with hand-computed numbers: the router (Eq. 1-2, the four
 rows of Table 1, the ≥ 0 boundary, the clip, γ), the updater (Eq. 7), Algorithm 1's loss
 weights and Eq. 8's aggregation; routing inside the one backward pass; the model composed from
-MMoE's parts; 2 ranks vs one process; the CLI."""
+MMoE's parts; the parameter-matched MMoE baseline; 2 ranks vs one process; the CLI."""
 from __future__ import annotations
 
 import json
@@ -234,6 +234,34 @@ def test_model_is_mmoe_bottom_and_experts_with_split_heads(tiny_dataset):
     shared = {id(p) for p in drgrad.shared_dense_parameters()}
     assert {id(p) for p in drgrad.heads.experts.parameters()} <= shared
     assert not {id(p) for p in drgrad.heads.towers.parameters()} & shared
+
+
+def parameter_counts(config_path: Path, data: Path) -> dict[str, int]:
+    """Embedding and dense parameter counts of the model a config file builds on ``data``."""
+    from trainer.config import load_config
+
+    drgrad = ["balance.options.primary=0", "balance.options.personal_gate=false"]  # as on census, also on tiny
+    cfg = load_config(config_path, [f'data.path="{data}"', *(drgrad if "drgrad" in config_path.name else [])])
+    model = build(cfg.to_dict())
+    counts = {"embedding": 0, "dense": 0}
+    for name, p in model.named_parameters():
+        counts["embedding" if "embedding_bag_collection" in name else "dense"] += p.numel()
+    return counts
+
+
+@pytest.mark.parametrize("data", ["tiny", "census"])
+def test_matched_mmoe_has_drgrads_parameter_count(tiny_dataset, data):
+    """configs/census_mmoe_matched.toml (towers [48]) against configs/census_drgrad.toml (three
+    towers [32]): 2·(64·48 + 48 + 48 + 1) = 6338 against 3·(64·32 + 32 + 32 + 1) = 6339."""
+    path = tiny_dataset if data == "tiny" else ROOT / "data" / "census"
+    if not (path / "schema.json").exists():
+        pytest.skip("data/census is not built (recbalance data census --output data/census)")
+    drgrad = parameter_counts(ROOT / "configs" / "census_drgrad.toml", path)
+    matched = parameter_counts(ROOT / "configs" / "census_mmoe_matched.toml", path)
+    plain = parameter_counts(ROOT / "configs" / "census.toml", path)
+    assert drgrad["embedding"] == matched["embedding"] == plain["embedding"]
+    assert drgrad["dense"] - matched["dense"] == 1
+    assert drgrad["dense"] - plain["dense"] == 64 * 32 + 32 + 32 + 1  # the extra tower T1'
 
 
 # ----------------------------------------------------------------------------- 2 ranks = 1 process
