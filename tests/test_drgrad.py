@@ -136,17 +136,22 @@ def test_updater_follows_eq_7():
     """σ' += ‖g1' + g'_R1‖, σ'' += ‖g1'' + g''_R1‖, μ = softmax(σ); μ starts at (0.5, 0.5)."""
     bal = make_balancer("drgrad", 2)
     t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
-    assert bal.mu.tolist() == [0.5, 0.5]
+    assert bal.extra_stats()["mu"] == [0.5, 0.5]
     # step 1, Table 1 row 1: ‖[7, 12]‖ = √193 = 13.892444, ‖[0, 10]‖ = 10; μ' = 1/(1 + e^(10 - 13.892444)) = 0.980012
     bal.route_gradients(t([3.0, 4.0]), t([0.0, 10.0]), [t([8.0, 6.0])])
-    np.testing.assert_allclose(bal.sigma.numpy(), [13.892443989449804, 10.0], rtol=1e-12)
-    np.testing.assert_allclose(bal.mu.numpy(), [0.9800122206913208, 0.0199877793086792], rtol=1e-12)
+    np.testing.assert_allclose(bal.extra_stats()["sigma"], [13.892443989449804, 10.0], rtol=1e-12)
+    np.testing.assert_allclose(bal.extra_stats()["mu"], [0.9800122206913208, 0.0199877793086792], rtol=1e-12)
     # step 2, row 2: ‖[3, -1]‖ = √10 = 3.162278, ‖1.768·[0, -10]‖ = 17.68;
     # σ = (13.892444 + 3.162278, 10 + 17.68) = (17.054722, 27.68); μ' = 1/(1 + e^10.625278) = 2.42935e-5
     bal.route_gradients(t([3.0, 4.0]), t([0.0, -10.0]), [t([8.0, 6.0])])
-    np.testing.assert_allclose(bal.sigma.numpy(), [17.054721649618184, 27.68], rtol=1e-12)
-    np.testing.assert_allclose(bal.mu.numpy(), [2.4293477867579304e-05, 1 - 2.4293477867579304e-05], rtol=1e-9)
+    np.testing.assert_allclose(bal.extra_stats()["sigma"], [17.054721649618184, 27.68], rtol=1e-12)
+    np.testing.assert_allclose(bal.extra_stats()["mu"], [2.4293477867579304e-05, 1 - 2.4293477867579304e-05], rtol=1e-9)
     assert bal.steps_done == 2
+    state = bal.state_dict()  # μ and σ are checkpointed
+    np.testing.assert_allclose(state["sigma"].numpy(), [17.054721649618184, 27.68], rtol=1e-12)
+    restored = make_balancer("drgrad", 2)
+    restored.load_state_dict(state)
+    assert restored.extra_stats()["mu"] == bal.extra_stats()["mu"]
 
 
 def test_discounted_updater():
@@ -155,7 +160,7 @@ def test_discounted_updater():
     bal.route_gradients(t([3.0, 4.0]), t([0.0, 10.0]), [t([8.0, 6.0])])
     bal.route_gradients(t([3.0, 4.0]), t([0.0, -10.0]), [t([8.0, 6.0])])
     # σ = (0.5·13.892444 + 3.162278, 0.5·10 + 17.68) = (10.108500, 22.68)
-    np.testing.assert_allclose(bal.sigma.numpy(), [10.108499654893281, 22.68], rtol=1e-12)
+    np.testing.assert_allclose(bal.extra_stats()["sigma"], [10.108499654893281, 22.68], rtol=1e-12)
 
 
 def test_loss_weights_of_algorithm_1_and_aggregation_of_eq_8():
@@ -281,7 +286,7 @@ def sharded_run(config: dict):
     for _ in range(STEPS):
         result = trainer.train_step(next(trainer.stream))
         losses.append(global_mean(result.losses).tolist())
-        mus.append(trainer.balancer.mu.tolist())
+        mus.append(trainer.balancer.extra_stats()["mu"])
     extra = trainer.balancer.extra_stats()
     shutdown_distributed()
     return losses, mus, extra
@@ -294,7 +299,7 @@ def reference_run(config: dict):
     losses, mus = [], []
     for step_losses in reference.reference_steps(model, opts, batches, STEPS):
         losses.append(step_losses.tolist())
-        mus.append(model.balancer.mu.tolist())
+        mus.append(model.balancer.extra_stats()["mu"])
     return losses, mus, model.balancer.extra_stats()
 
 

@@ -121,8 +121,12 @@ class DRGrad(Balancer):
         self.loss_weights: Optional[List[float]] = None if all(a == 1.0 for a in alpha) else alpha
         self.personal_gate = check_bool("personal_gate", personal_gate)
         self.register_buffer("alpha", torch.tensor(alpha), persistent=False)
+        #: σ and μ live as Python floats (read in every forward, written in every backward,
+        #: without a device round trip); the buffers hold them when the state is saved.
         self.register_buffer("sigma", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("mu", torch.full((2,), 0.5, dtype=torch.float64))
+        self._sigma = [0.0, 0.0]
+        self._mu = [0.5, 0.5]
         self._route: Optional[Route] = None
         self._routed_norms = [0.0, 0.0]
 
@@ -151,8 +155,7 @@ class DRGrad(Balancer):
 
     def aggregate(self, dedicated: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """Eq. 8: the primary task's output μ'·T1'(v1) + μ''·T1''(vs), with the updater's μ."""
-        mu = self.mu.to(dedicated.dtype)
-        return mu[0] * dedicated + mu[1] * shared
+        return self._mu[0] * dedicated + self._mu[1] * shared
 
     # ----------------------------------------------------------------- router and updater
     def route_gradients(
@@ -183,14 +186,21 @@ class DRGrad(Balancer):
         """Eq. 7: σ' ← decay·σ' + ‖g1' + g'_R1‖, σ'' ← decay·σ'' + ‖g1'' + g''_R1‖,
         (μ', μ'') = softmax(σ', σ''). Returns μ."""
         self._routed_norms = [float(x) for x in routed_norms]
-        sigma = [self.decay * s + n for s, n in zip(self.sigma.tolist(), self._routed_norms)]
-        top = max(sigma)
-        exp = [math.exp(s - top) for s in sigma]
-        mu = [e / sum(exp) for e in exp]
-        self.sigma.copy_(torch.tensor(sigma, dtype=torch.float64))
-        self.mu.copy_(torch.tensor(mu, dtype=torch.float64))
+        self._sigma = [self.decay * s + n for s, n in zip(self._sigma, self._routed_norms)]
+        top = max(self._sigma)
+        exp = [math.exp(s - top) for s in self._sigma]
+        self._mu = [e / sum(exp) for e in exp]
         self._advance()
-        return mu
+        return list(self._mu)
+
+    def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        self.sigma.copy_(torch.tensor(self._sigma, dtype=torch.float64))
+        self.mu.copy_(torch.tensor(self._mu, dtype=torch.float64))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._sigma, self._mu = self.sigma.tolist(), self.mu.tolist()
 
     def _task_gram(self, gram: GramRows) -> GramRows:
         """Gram of the per-task gradients at (v1, vs) for `stats()`: the primary's is (g1', g1''),
@@ -213,8 +223,8 @@ class DRGrad(Balancer):
         """DRGrad's own numbers for the run summary (identical on every rank)."""
         out: Dict[str, Any] = {
             "primary": self.p,
-            "mu": [float(x) for x in self.mu],
-            "sigma": [float(x) for x in self.sigma],
+            "mu": list(self._mu),
+            "sigma": list(self._sigma),
             "routed_norms": list(self._routed_norms),
             "loss_weights": [float(x) for x in self.alpha],
         }
