@@ -58,23 +58,32 @@ class MultiTaskRanker(nn.Module):
             spec.cross_rank,
             spec.shared_layers,
         )
-        width = self.interaction.out_features
+        self.heads = self.make_heads(self.interaction.out_features, num_tasks, spec)
+        self.balance_point = self.make_balance_point(balancer)
+
+    def make_heads(self, width: int, num_tasks: int, spec: RankerSpec) -> nn.Module:
+        """The task side over the interaction's output; a model with another task side
+        overrides this (as TorchRec's DLRM_DCN swaps DLRM's interaction)."""
         if spec.kind == "mmoe":
-            self.heads: MMoEHeads | SharedBottomHeads = MMoEHeads(
-                width, num_tasks, spec.num_experts, spec.expert_layers, spec.tower_layers
-            )
-        else:
-            self.heads = SharedBottomHeads(width, num_tasks, spec.tower_layers)
-        self.balance_point = BalancePoint(balancer)
+            return MMoEHeads(width, num_tasks, spec.num_experts, spec.expert_layers, spec.tower_layers)
+        return SharedBottomHeads(width, num_tasks, spec.tower_layers)
+
+    def make_balance_point(self, balancer: Balancer) -> nn.Module:
+        return BalancePoint(balancer)
 
     @property
     def balancer(self) -> Balancer:
         return self.balance_point.balancer
 
+    def bottom(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled embeddings [B, sum of dims] in `SparseArch.feature_names` order, interaction output h)."""
+        dense_x = self.dense_arch(dense)
+        sparse_x = self.sparse_arch(sparse)
+        return sparse_x, self.interaction(dense_x, sparse_x)
+
     def shared(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, ...]:
         """The tensors all task modules read (for MMoE: expert outputs and gate input)."""
-        h = self.interaction(self.dense_arch(dense), self.sparse_arch(sparse))
-        return self.heads.shared(h)
+        return self.heads.shared(self.bottom(dense, sparse)[1])
 
     def task_logits(self, shared_copies: tuple[tuple[torch.Tensor, ...], ...]) -> torch.Tensor:
         return torch.stack([self.heads.task(m, shared_copies[m]) for m in range(self.num_tasks)])

@@ -71,7 +71,8 @@ def build_model(
         balancer.resolve_primary(list(schema.labels))
         return DRGradRanker(
             tables=embedding_tables(schema), num_dense=len(schema.dense), num_tasks=len(schema.labels),
-            spec=spec, balancer=balancer, personal_features=schema.personal_features, device=device,
+            spec=spec, balancer=balancer, device=device,
+            personal_features=schema.personal_features if balancer.personal_gate else (),
         )
     if point_balancer is None and cfg.balance.method == "pub":
         point_balancer = make_balancer("equal", len(schema.labels))
