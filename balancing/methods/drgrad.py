@@ -17,7 +17,6 @@ personal features; read by the model builder).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,6 +26,7 @@ from ..base import Balancer, gram_is_finite, plain_sum, weighted_sum
 from ..gram import GramRows
 from ..options import check_bool, check_float, check_per_task
 from ..registry import register
+from ..telemetry import BackwardTiming
 from ..small_linalg import quad
 
 
@@ -249,14 +249,14 @@ class _RouteFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_v1: Optional[torch.Tensor], *g_vs: Optional[torch.Tensor]):  # type: ignore[override]
-        start = time.perf_counter()
         point: DRGradPoint = ctx.point
         bal = point.balancer
         ref = next(g for g in (g_v1, *g_vs) if g is not None)
+        point.timing.start(ref.device)
         fill = lambda g: torch.zeros_like(ref) if g is None else g  # noqa: E731
         secondary = [fill(g_vs[k]) for k in range(bal.num_tasks) if k != bal.p]
         out_v1, out_vs = bal.route_gradients(fill(g_v1), fill(g_vs[bal.p]), secondary)
-        point.last_balance_seconds = time.perf_counter() - start
+        point.timing.stop()
         return None, out_v1, out_vs
 
 
@@ -270,7 +270,12 @@ class DRGradPoint(nn.Module):
         if not isinstance(balancer, DRGrad):
             raise ValueError(f"DRGradPoint needs the 'drgrad' balancer, got {type(balancer).__name__}")
         self.balancer = balancer
-        self.last_balance_seconds: float = 0.0
+        self.timing = BackwardTiming()
+
+    @property
+    def last_balance_seconds(self) -> float:
+        """Time of the last backward through the router (as `BalancePoint.last_balance_seconds`)."""
+        return self.timing.seconds
 
     @property
     def num_tasks(self) -> int:
