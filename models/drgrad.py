@@ -19,7 +19,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from balancing import Balancer, DRGrad, DRGradPoint
 from models.heads import Experts, Tower, gate_mix
-from models.ranker import MultiTaskRanker, RankerSpec
+from models.config import ModelConfig
+from models.ranker import MultiTaskRanker
 
 
 def feature_slices(tables: list[EmbeddingBagConfig], feature_names: list[str]) -> dict[str, tuple[int, int]]:
@@ -69,7 +70,7 @@ class DRGradRanker(MultiTaskRanker):
         tables: list[EmbeddingBagConfig],
         num_dense: int,
         num_tasks: int,
-        spec: RankerSpec,
+        spec: ModelConfig,
         balancer: DRGrad,
         personal_features: Sequence[str] = (),
         device: torch.device | None = None,
@@ -92,7 +93,7 @@ class DRGradRanker(MultiTaskRanker):
             nn.init.zeros_(self.ppnet.weight)
             nn.init.zeros_(self.ppnet.bias)
 
-    def make_heads(self, width: int, num_tasks: int, spec: RankerSpec) -> nn.Module:
+    def make_heads(self, width: int, num_tasks: int, spec: ModelConfig) -> nn.Module:
         return SplitMMoEHeads(width, num_tasks, spec.num_experts, spec.expert_layers, spec.tower_layers)
 
     def make_balance_point(self, balancer: Balancer) -> nn.Module:
@@ -117,6 +118,5 @@ class DRGradRanker(MultiTaskRanker):
     def shared_dense_parameters(self) -> Iterator[nn.Parameter]:
         """Dense parameters upstream of the router (they receive the routed gradients)."""
         yield from super().shared_dense_parameters()
-        yield from self.heads.upstream_parameters()
         if self.ppnet is not None:
             yield from self.ppnet.parameters()

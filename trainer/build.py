@@ -1,14 +1,12 @@
 """Turn a data set's schema and the run config into the model to train."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from balancing import Balancer, TaskInfo, make_balancer
 from models.drgrad import DRGradRanker
-from models.ranker import MultiTaskRanker, RankerSpec
+from models.ranker import MultiTaskRanker
 from trainer.config import Config
 from trainer.data.label_rates import label_rates
 from trainer.data.schema import Schema
@@ -65,7 +63,7 @@ def build_model(
     ``balance.method = "drgrad"`` selects DRGrad's split-MMoE (models/drgrad.py) built from
     the MMoE keys; ``"pub"`` balances parameter updates (balancing/methods/pub.py, PUBStep), so its model's
     balance point passes the plain sum (``equal``)."""
-    spec = RankerSpec(**dataclasses.asdict(cfg.model))
+    spec = cfg.model
     if point_balancer is None and cfg.balance.method == "drgrad":
         balancer = build_balancer(cfg, len(schema.labels))
         balancer.resolve_primary(list(schema.labels))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from models.config import ModelConfig
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown or has a value outside what it allows."""
@@ -25,18 +27,6 @@ class DataConfig:
     prefetch: int = 2
     id_policy: Literal["hash", "error"] = "hash"
     bad_rows: Literal["error", "skip"] = "error"
-
-
-@dataclass
-class ModelConfig:
-    kind: Literal["mmoe", "shared_bottom"] = "mmoe"
-    dense_layers: list[int] = field(default_factory=lambda: [64, 32])
-    cross_layers: int = 2
-    cross_rank: int = 16
-    shared_layers: list[int] = field(default_factory=lambda: [128, 64])
-    num_experts: int = 4
-    expert_layers: list[int] = field(default_factory=lambda: [64])
-    tower_layers: list[int] = field(default_factory=lambda: [32])
 
 
 @dataclass
@@ -111,7 +101,7 @@ class Config:
 
 POSITIVE_KEYS = {
     "data.global_batch_size", "data.eval_batch_size", "data.prefetch",
-    "model.cross_rank", "model.num_experts", "train.log_every", "train.threads_per_rank",
+    "model.cross_rank", "model.num_experts", "model.task_experts", "model.ple_layers", "train.log_every", "train.threads_per_rank",
     "checkpoint.keep", "train.max_nonfinite_in_row",
 }
 NON_NEGATIVE_KEYS = {"model.cross_layers", "train.steps", "train.eval_every", "train.seed", "checkpoint.every"}
