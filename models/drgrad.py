@@ -1,7 +1,7 @@
 """DRGrad's model: split-MMoE (the paper's Fig. 1(b) and Fig. 2) with the PPNet-style
 personalised gate, composed from `MultiTaskRanker`'s bottom and MMoE's experts, gate mixing
 and towers. The router and updater are `balancing.methods.drgrad`; the readings of the paper:
-docs/methods_pub_drgrad.md.
+docs/methods.md.
 
     h -> experts;  v1 = gate_mix(gate_dedicated(h)),  vs = gate_mix(gate_shared(h))
     vs <- 2 · vs ⊗ sigmoid(W · v_ppnet)            with personal features (W, bias start at 0)

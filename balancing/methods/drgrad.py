@@ -7,7 +7,7 @@ its tower T1') and a shared input vs (read by its tower T1'' and by every second
 The node receives g1' at v1 and g1'', g_k at vs and returns the routed gradients for v1 and
 vs; the model mixes the primary's two towers with the updater's μ (`DRGrad.aggregate`,
 Eq. 8). What each equation means here and every reading of the paper:
-docs/methods_pub_drgrad.md.
+docs/methods.md.
 
 Options: primary = 0 (task index or label name), gamma = 1.0 (γ > 0 of Eq. 1), decay = 1.0
 (1.0: Eq. 7's accumulated sum; < 1 a discounted sum, which stays bounded), loss_weights
