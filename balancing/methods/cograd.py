@@ -1,22 +1,15 @@
 """`cograd`: CoGrad gradient correction (Eq. 10 with the Hessian approximation of Eq. 11).
 
   ĝ_i = g_i - sum_{j != i} gamma_j H_i g_j,   combined = sum_i w_i ĝ_i
-form="fisher" (default, Eq. 11): H_i g_j ≈ p_i ⊙ p_i ⊙ g_j
-form="algorithm1" (the product printed in the paper's Algorithm 1): H_i g_j ≈ p_i ⊙ g_j
-where p_i is the gradient of each sample's OWN loss for task i. At the representation, the
-row of a batch-mean loss gradient belonging to sample b is 1/B_global of that sample's own
-gradient, so p_i = g_i * B_global (B_global = local batch * world size; equal local batch
-sizes assumed) and gamma means the same for every batch size. ``per_sample=False`` uses the
-batch-mean g_i itself inside the products (the paper's parameter-level formula verbatim).
-Element-wise: no communication is needed for the combine. ``stats()`` grad_norms/cosines
-still come from the reduced Gram (M² numbers a step) -- telemetry only, not used here.
-Options: gamma=0.1 (number or M numbers, indexed by j), weights (M numbers, default ones,
-or "prior_entropy": w_i = 1 / H(p_i) with H the entropy of task i's training label rate
-p_i, the paper's "loss scaling weights ... based on priori statistical cross-entropy",
-which turns the weighted loss into a sum of NEs), form="fisher", per_sample=True, track_correction=False (measure the correction's size, a
-host read per step: for sweeps). The
-paper's own setting (parameter level, gamma {0.01, 0.005} or {0.003, 0.001}):
-configs/census_cograd_paper.toml and docs/methods.md.
+form="fisher" (Eq. 11): H_i g_j ≈ p_i ⊙ p_i ⊙ g_j; form="algorithm1" (the product printed in
+Algorithm 1): p_i ⊙ g_j. At the representation p_i is each sample's own gradient (the
+batch-mean gradient times the global batch, ``per_sample``), so gamma means the same for
+every batch size; ``per_sample=False`` is the paper's parameter-level formula verbatim.
+Element-wise: the combine needs no communication (the Gram is telemetry only).
+Options: gamma=10 (number or M numbers, indexed by j), weights (M numbers, default ones, or
+"prior_entropy": the paper's loss weights 1/H(label rate)), form="fisher", per_sample=True,
+track_correction=False (the correction's relative size per step: a host read, for sweeps).
+The gamma sweep behind the default and the paper's own setting: docs/methods.md.
 """
 from __future__ import annotations
 
@@ -57,7 +50,7 @@ class CoGrad(Balancer):
     def __init__(
         self,
         num_tasks: int,
-        gamma: Union[float, Sequence[float]] = 0.1,
+        gamma: Union[float, Sequence[float]] = 10.0,
         weights: Union[None, str, Sequence[float]] = None,
         form: str = "fisher",
         per_sample: bool = True,
