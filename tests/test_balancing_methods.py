@@ -129,7 +129,7 @@ def test_multibalance_defaults_and_uniform_start():
     g = random_steps(1, 3, m=2)[0]
     np.testing.assert_allclose(bal.combine(torch.tensor(g)).numpy(), g.sum(0), rtol=1e-12)
     bal = make_balancer("multibalance", 4)
-    assert (bal.beta, bal.rho, bal.gamma, bal.ema, bal.direction) == (1.0, 0.1, 0.01, True, "cosine")
+    assert (bal.beta, bal.rho, bal.gamma, bal.ema, bal.direction) == (0.001, 0.1, 0.01, True, "cosine")
 
 
 # ----------------------------------------------------------------------------- cograd

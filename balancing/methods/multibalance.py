@@ -1,15 +1,15 @@
 """`multibalance`: Algorithm 3 of the MultiBalance paper (representation-level balancing).
 
-Per step, with n_m = ||g_m|| over the global batch (sqrt of the reduced Gram diagonal):
-  u_m <- (1 - gamma) u_m + gamma n_m          (EMA of norms; u initialised to the first n)
-  v_m  = (u_m / n_m) g_m                      (0 when n_m = 0; ema=False: v_m = g_m)
-  d_m  = cos(v_m, sum_j (lam_j + rho lam0_j) v_j)     direction="cosine" (paper §5.4), or
-  d    = Vᵀ(V lam + rho V lam0)                        direction="gradient" (paper Eq. 12)
-  lam <- Proj_simplex(lam - beta d)           (lam0 = uniform 1/M, lam initialised to lam0)
-  combined = M * sum_m lam_m v_m              (×M: uniform lam without rescaling = plain sum)
-Everything is a function of the Gram of v, diag(s) G diag(s) with s = u/n.
-Defaults: beta=1.0, rho=0.1, gamma=0.01 (slow EMA: the norm scale drifts over ~100 steps),
-ema=True, direction="cosine".
+Per step, with n_m = ||g_m|| over the global batch (from the reduced Gram):
+  u_m <- (1 - gamma) u_m + gamma n_m         (EMA of norms, started at the first n; ema=False: v = g)
+  v_m  = (u_m / n_m) g_m
+  d_m  = cos(v_m, V (lam + rho lam0))        direction="cosine" (§5.4) or d = Vᵀ V (lam + rho lam0) (Eq. 12)
+  lam <- Proj_simplex(lam - beta d)          (lam starts at the prior lam0)
+  combined = M sum_m lam_m v_m               (output="sum"; "average": sum_m lam_m v_m, the paper's)
+Options: beta=0.001, rho=0.1, gamma=0.01, ema=True, direction="cosine", prior=None (uniform),
+output="sum". The paper's beta (1.0 ads, 5.0 feeds) moves lam to its fixed point within tens
+of steps; why the default is 1000x smaller, with the census and synthetic measurements:
+docs/methods.md.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class MultiBalance(GramBalancer):
     def __init__(
         self,
         num_tasks: int,
-        beta: float = 1.0,
+        beta: float = 0.001,
         rho: float = 0.1,
         gamma: float = 0.01,
         ema: bool = True,
