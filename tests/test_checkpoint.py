@@ -17,7 +17,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 from trainer.checkpoint import (
-    CheckpointManager, CheckpointMismatchError, TensorOnlyLoadPlanner, UnsafeCheckpointError, _MetadataUnpickler,
+    CheckpointManager, CheckpointMismatchError, CheckpointRefusedError, TensorOnlyLoadPlanner, UnsafeCheckpointError,
+    _MetadataUnpickler,
 )
 
 STEPS = 12
@@ -162,7 +163,8 @@ def _tree(directory: Path) -> dict[str, bytes]:
 def test_dotted_global_in_metadata_is_refused_not_run(two_checkpoints):
     newest = two_checkpoints / "step-000000008"
     marker = two_checkpoints / "pwned"
-    (newest / ".metadata").write_bytes(dotted_global_pickle("torch.distributed.checkpoint.filesystem", f"touch {marker}"))
+    payload = dotted_global_pickle("torch.distributed.checkpoint.filesystem", f"touch {marker}")
+    (newest / ".metadata").write_bytes(payload)
     before = _tree(two_checkpoints)
     with pytest.raises(UnsafeCheckpointError) as err:
         CheckpointManager(two_checkpoints, keep=1).load_latest(small_state(0.0))
@@ -207,6 +209,36 @@ def test_truncated_checkpoint_is_kept_aside_and_the_previous_one_loads(two_check
     assert float(state["model"]["w"][0, 0]) == 4.0
     assert "step-000000008 could not be loaded" in capsys.readouterr().out
     assert _tree(two_checkpoints / "step-000000008.unreadable") == truncated  # kept, out of the way
+
+
+def test_shard_asking_for_a_global_is_refused_not_run(two_checkpoints):
+    newest = two_checkpoints / "step-000000008"
+    marker = two_checkpoints / "pwned"
+    metadata = pickle.loads((newest / ".metadata").read_bytes())
+    index = next(i for i in metadata.storage_data if i.fqn == "model.w")
+    info = metadata.storage_data[index]
+    buffer = io.BytesIO()
+    torch.save(RunsCommand(f"touch {marker}"), buffer)
+    shard = newest / info.relative_path
+    offset = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes() + buffer.getvalue())  # a well-formed shard entry, pointed at below
+    metadata.storage_data[index] = _StorageInfo(info.relative_path, offset, len(buffer.getvalue()))
+    (newest / ".metadata").write_bytes(pickle.dumps(metadata))
+    before = _tree(two_checkpoints)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        CheckpointManager(two_checkpoints, keep=1).load_latest(small_state(0.0))
+    assert not marker.exists()
+    assert str(newest) in str(err.value) and "GLOBAL posix.system" in str(err.value)
+    assert _tree(two_checkpoints) == before
+
+
+def test_when_no_checkpoint_loads_the_run_stops(two_checkpoints):
+    for shard in two_checkpoints.glob("step-*/*.distcp"):
+        shard.write_bytes(b"")
+    with pytest.raises(CheckpointRefusedError, match="none of the 2 checkpoint"):
+        CheckpointManager(two_checkpoints, keep=1).load_latest(small_state(0.0))
+    assert sorted(p.name for p in two_checkpoints.iterdir()) == [
+        "step-000000004.unreadable", "step-000000008.unreadable"]
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_keys(two_checkpoints):

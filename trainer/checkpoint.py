@@ -112,7 +112,8 @@ def read_metadata(directory: Path) -> Metadata:
             raise _refused(directory, f"entry {key!r} as a {type(entry).__name__}, not a tensor", file)
     for info in (metadata.storage_data or {}).values():
         path = getattr(info, "relative_path", None)
-        if not isinstance(info, _StorageInfo) or not isinstance(path, str) or Path(path).name != path or path in ("", ".", ".."):
+        plain_name = isinstance(path, str) and Path(path).name == path and path not in ("", ".", "..")
+        if not isinstance(info, _StorageInfo) or not plain_name:
             raise _refused(directory, f"data at {path!r}, outside its own directory", file)
     return metadata
 
@@ -191,8 +192,9 @@ def _refusal_inside(err: BaseException) -> str | None:
         if isinstance(exc, UnsafeCheckpointError):
             return str(exc)
         if isinstance(exc, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a pickled global
-            said = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            return f"something outside torch's weights-only allow-list ({said.group(1) if said else _first_line(exc)})"
+            said = re.search(r"[^\n]*\bGLOBAL\b[^\n]*", str(exc))  # the line naming the global
+            what = said.group(0).strip() if said else _first_line(exc)
+            return f"something outside torch's weights-only allow-list ({what})"
     return None
 
 
@@ -316,7 +318,8 @@ class CheckpointManager:
             code, message = _agree(_attempt(lambda: loaded.append(self._checked_metadata(path, shapes)), path))
             if code == OK:
                 reader = SafeFileSystemReader(path, loaded[0])
-                planner = TensorOnlyLoadPlanner(allow_partial_load=True)  # keys were checked: only per-rank ones may lack
+                # the keys were checked: only per-rank metric state may be absent
+                planner = TensorOnlyLoadPlanner(allow_partial_load=True)
                 code, message = _agree(_attempt(lambda: dcp.load(state, storage_reader=reader, planner=planner), path))
             if code == OK:
                 self.own_steps |= {s for s, _ in candidates if s <= step}

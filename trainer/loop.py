@@ -413,7 +413,8 @@ class Trainer:
             "balance_extra": self.balancer.extra_stats() if hasattr(self.balancer, "extra_stats") else None,
             "sharding": sharding_plan_summary(self.model),
             "skipped_rows": {
-                "train": int(all_reduce_sum(torch.tensor([self.train_reader.skipped_rows]))[0]), **self.eval_skipped_rows
+                "train": int(all_reduce_sum(torch.tensor([self.train_reader.skipped_rows]))[0]),
+                **self.eval_skipped_rows,
             },
             "nonfinite_steps": self.nonfinite_total,
             "resumed_from_step": self.resumed_from,
