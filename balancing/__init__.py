@@ -9,9 +9,8 @@ the per-task gradients inside a single ordinary backward pass (pure torch).
 """
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .methods import pub as _pub  # noqa: F401  (registers "pub")
-from . import drgrad as _drgrad  # noqa: F401  (registers "drgrad")
-from .drgrad import DRGrad, DRGradPoint
-from .base import Balancer, GramBalancer
+from .methods.drgrad import DRGrad, DRGradPoint
+from .base import Balancer, GramBalancer, TaskInfo
 from .min_norm import min_norm_weights
 from .nash import nash_bargaining_weights
 from .point import BalancePoint
@@ -24,6 +23,7 @@ __all__ = [
     "DRGrad",
     "DRGradPoint",
     "GramBalancer",
+    "TaskInfo",
     "available_methods",
     "make_balancer",
     "method_options",

@@ -1,40 +1,47 @@
 """The `Balancer` base classes: input checks, step counter, telemetry, Gram-first combine.
 
-Every balancer maps the per-task gradients at the balance point -- a tensor [M, B, ...] or a
-sequence of M tensors [B, ...] -- to one combined gradient [B, ...]. Dimension 0 of each
-task's gradient is the (local) batch. Methods receive a tuple of M tensors (the node hands
-over the gradients autograd produced, without stacking them into a copy). State that
-changes during training (EMAs, weights, step counter, seeds) lives in buffers/parameters,
-so it is in ``state_dict()``; options are plain attributes fixed at construction.
-
-``stats()["weights"]`` convention: the effective per-task multipliers ``c`` of the combined
-gradient ``sum_m c_m g_m`` (for methods whose combination is linear in the gradients, which
-includes the projection methods pcgrad/gradvac whose mixing matrix collapses to column
-sums), the loss multipliers for `uncertainty`, the option weights for `cograd`, and None
-for `graddrop` (an element-wise random mask has no per-task multiplier).
+A balancer maps the M per-task gradients at the balance point (dimension 0 of each: the
+local batch) to one combined gradient; its state is in ``state_dict()``, its options are
+fixed at construction. ``stats()["weights"]`` are the effective multipliers c of
+``sum_m c_m g_m`` (the loss multipliers for `uncertainty`, None for `graddrop`).
+Two paths, chosen per device (`Balancer.path`): the host path (the Gram as Python floats,
+see `small_linalg`) on the CPU, the device path (`coefficient_tensor`) elsewhere.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .distributed import reduce_gram, world_size
-from .gram import GRAM_DTYPE, GramRows, TaskGrad, TaskGrads, cosines_from_gram, gram_rows, norms_from_gram, pieces
+from .gram import (
+    GRAM_DTYPE,
+    GramRows,
+    TaskGrad,
+    TaskGrads,
+    combine_stacks,
+    cosines_from_gram,
+    gram_of_stacks,
+    gram_rows,
+    norms_from_gram,
+    pieces,
+    task_stacks,
+)
+from .telemetry import LastStep
+
+PATHS = ("auto", "host", "device")
 
 
-class LastStep:
-    """What the last combine leaves for `Balancer.stats()`: ``weights`` (floats or a tensor, or
-    None) and ``gram`` (rows of floats, None once read). A plain object: setting attributes of
-    an nn.Module costs several microseconds, and this is written inside every backward pass."""
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a data set tells a balancer about its tasks: the label names (in task order) and,
+    for methods that ask for them (`Balancer.needs_label_rates`), the training label rates."""
 
-    __slots__ = ("weights", "gram")
-
-    def __init__(self) -> None:
-        self.weights: Optional[Union[Sequence[float], torch.Tensor]] = None
-        self.gram: Optional[GramRows] = None
+    names: Tuple[str, ...]
+    label_rates: Optional[Tuple[float, ...]] = None
 
 
 class Balancer(nn.Module):
@@ -46,6 +53,9 @@ class Balancer(nn.Module):
     #: piece-aware helpers (`gram_rows`, `weighted_sum`, `plain_sum`) or working piece by
     #: piece; otherwise `combine` concatenates the pieces for it and splits the result.
     supports_pieces: bool = False
+    #: True when the method implements `coefficient_tensor` (its combination is linear in the
+    #: task gradients and its solver runs on the device); others read the Gram on the host.
+    device_path: bool = False
 
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__()
@@ -54,17 +64,42 @@ class Balancer(nn.Module):
         self.num_tasks = num_tasks
         #: data-parallel group whose ranks hold the other rows of the batch (None: default group)
         self.process_group = process_group
-        #: combine calls that updated the state, in `state_dict()` as ``step``. The live count
-        #: is the Python int `steps_done` (a tensor increment costs ~15 µs inside the backward
-        #: pass); the buffer is written when the state is saved and read when it is loaded.
+        #: combine calls that updated the state, in `state_dict()` as ``step``; the live count
+        #: is the Python int `steps_done`, written to the buffer when the state is saved.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._steps = 0
         self._grad_norms = torch.zeros(num_tasks, dtype=torch.float64)
         self._cosines = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
         self._last = LastStep()
         self._group_ranks: Optional[int] = None
+        self._path = "auto"
+
+    @property
+    def path(self) -> str:
+        """"auto" (the default): the device path for gradients off the CPU, the host path on
+        it; "host" or "device" force one (tests compare the two on the CPU)."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATHS:
+            raise ValueError(f"Balancer.path must be one of {', '.join(map(repr, PATHS))}, got {value!r}")
+        self._path = value
 
     # ----------------------------------------------------------------- public API
+    @property
+    def needs_label_rates(self) -> bool:
+        """True when `bind_tasks` must be given the training label rates (read from the data,
+        which costs a pass over the label columns, so only methods that need them ask)."""
+        return False
+
+    def bind_tasks(self, info: TaskInfo) -> None:
+        """Called once by the model builder, before training, with the data set's tasks:
+        methods that name tasks or weigh them by their label priors resolve that here."""
+        if len(info.names) != self.num_tasks:
+            raise ValueError(f"{self.method_name}: the data set has {len(info.names)} tasks "
+                             f"({', '.join(info.names)}), this balancer {self.num_tasks}")
+
     def loss(self, losses: torch.Tensor) -> torch.Tensor:
         """Scalar to call ``.backward()`` on, from the per-task losses [M]. Default: their sum."""
         return self._check_losses(losses).sum()
@@ -89,8 +124,17 @@ class Balancer(nn.Module):
             return self.combine(grads)
         return self._dispatch(tuple(grads))
 
+    def on_device(self, grads: Sequence[TaskGrad]) -> bool:
+        """True when ``grads`` take the device path (see `path`)."""
+        if self._path == "auto":
+            return pieces(grads[0])[0].device.type != "cpu"
+        return self._path == "device"
+
     def _dispatch(self, tasks: Tuple[TaskGrad, ...]) -> TaskGrad:
-        """`_combine`, concatenating gradients in pieces for methods that need one tensor."""
+        """The device combine where it applies, else `_combine` (concatenating gradients in
+        pieces for methods that need one tensor)."""
+        if self.device_path and self.on_device(tasks):
+            return self._combine_on_device(tasks)
         if not isinstance(tasks[0], tuple) or self.supports_pieces:
             return self._combine(tasks)
         first = tasks[0]
@@ -102,15 +146,17 @@ class Balancer(nn.Module):
 
     def stats(self) -> Dict[str, Optional[torch.Tensor]]:
         """Last step's global-batch telemetry: ``weights`` [M] or None, ``grad_norms`` [M],
-        ``cosines`` [M, M] (identical on every rank)."""
+        ``cosines`` [M, M] (identical on every rank). On the device path this is where the
+        numbers are read (their copies were started in the backward pass)."""
+        self._last.wait()
         if self._last.gram is not None:
-            gram = torch.tensor(self._last.gram, dtype=GRAM_DTYPE)
+            gram = torch.as_tensor(self._last.gram, dtype=GRAM_DTYPE).cpu()
             self._grad_norms = norms_from_gram(gram)
             self._cosines = cosines_from_gram(gram)
             self._last.gram = None
         weights = self._last.weights
         return {
-            "weights": None if weights is None else torch.tensor(
+            "weights": None if weights is None else torch.as_tensor(
                 weights.tolist() if isinstance(weights, torch.Tensor) else list(weights), dtype=torch.float64
             ),
             "grad_norms": self._grad_norms.clone(),
@@ -124,9 +170,58 @@ class Balancer(nn.Module):
     def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise NotImplementedError
 
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """Device path of a method with ``device_path = True``: the M coefficients c of the
+        combined gradient ``sum_m c_m g_m`` as a float64 tensor on the Gram's device, from the
+        global-batch Gram [M, M] (float64), with tensor operations only: no host read, no
+        branch on a value. State changes must be kept only where ``finite`` (a 0-d bool
+        tensor) is true; the caller substitutes ones (the plain sum) where it is false."""
+        raise NotImplementedError
+
+    def reported_weights(self, coef: torch.Tensor) -> torch.Tensor:
+        """``stats()["weights"]`` on the device path: the coefficients, unless the method
+        reports something else (see the module docstring's convention)."""
+        return coef
+
+    def _combine_on_device(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
+        """Gram as one matrix product per piece, its all-reduce, `coefficient_tensor` and the
+        combination as one matrix-vector product per piece, all on the gradients' device."""
+        stacks = task_stacks(grads)
+        gram = gram_of_stacks(stacks)
+        if self._world_size() > 1:
+            gram = reduce_gram(gram, self.process_group)
+        finite = torch.isfinite(gram).all()
+        coef = torch.where(finite, self.coefficient_tensor(gram, finite), torch.ones_like(gram[0]))
+        shown = torch.where(finite, self.reported_weights(coef), torch.full_like(coef, float("nan")))
+        self._last.capture(gram, shown)
+        self._advance()
+        return combine_stacks(coef, stacks, grads[0])
+
+    def _buffers_on(self, device: torch.device, *names: str) -> List[torch.Tensor]:
+        """The named state buffers, moved to ``device`` the first time the device path meets
+        them elsewhere (they then stay with the gradients, and in ``state_dict()``)."""
+        out = []
+        for name in names:
+            buf = self._buffers[name]
+            if buf.device != device:
+                buf = self._buffers[name] = buf.to(device)
+            out.append(buf)
+        return out
+
+    def _telemetry_gram(self, grads: Sequence[TaskGrad]) -> None:
+        """The global-batch Gram, for the telemetry only (methods that do not use it): as
+        `_global_gram` on the host path; on the device path it stays on the device."""
+        if not self.on_device(grads):
+            self._global_gram(grads)
+            return
+        gram = gram_of_stacks(task_stacks(grads))
+        if self._world_size() > 1:
+            gram = reduce_gram(gram, self.process_group)
+        self._last.capture(gram, None)
+
     def _global_gram(self, grads: Sequence[TaskGrad]) -> GramRows:
         """Global-batch Gram as M rows of floats (kept for the telemetry): the local Gram, summed
-        over the data-parallel ranks when there are several."""
+        over the data-parallel ranks when there are several. A host read."""
         gram = self._reduced_gram(grads)
         self._last.gram = gram
         return gram
@@ -206,12 +301,19 @@ class Balancer(nn.Module):
         return losses
 
 
-def weighted_sum(coef: Sequence[float], grads: Sequence[TaskGrad]) -> TaskGrad:
-    """``sum_m coef_m * grads[m]`` on the LOCAL gradients (accumulated in float32 at least);
-    piece by piece for gradients in pieces."""
+def work_dtype(grads: Sequence[torch.Tensor], on_device: bool) -> torch.dtype:
+    """The dtype element-wise methods compute in: float32 at least on the host; the
+    gradients' own dtype on the device (each kernel computes in float32 internally, and a
+    float32 copy of half-precision gradients would cost more than the method)."""
+    return grads[0].dtype if on_device else torch.promote_types(grads[0].dtype, torch.float32)
+
+
+def weighted_sum(coef: Sequence[float], grads: Sequence[TaskGrad], on_device: bool = False) -> TaskGrad:
+    """``sum_m coef_m * grads[m]`` on the LOCAL gradients (in `work_dtype`); piece by piece
+    for gradients in pieces."""
     if isinstance(grads[0], tuple):
-        return tuple(weighted_sum(coef, [g[k] for g in grads]) for k in range(len(grads[0])))
-    work = torch.promote_types(grads[0].dtype, torch.float32)
+        return tuple(weighted_sum(coef, [g[k] for g in grads], on_device) for k in range(len(grads[0])))
+    work = work_dtype(grads, on_device)
     if grads[0].dtype == work and all(c == 1.0 for c in coef):
         return plain_sum(grads)  # unit weights (CoGrad's default): one pass fewer
     out = grads[0].to(work) * float(coef[0])
@@ -240,11 +342,10 @@ class GramBalancer(Balancer):
     """Inner-product method: coefficients from the reduced Gram only, applied to LOCAL grads.
 
     Subclasses implement `coefficient_values(rows) -> M floats` on the Gram as rows of Python
-    floats (inside the backward pass one tensor operation on an M x M matrix costs more than
-    the arithmetic; `small_linalg` has the helpers). All ranks see the same Gram, hence the
-    same coefficients; a non-finite Gram (non-finite gradients)
-    leaves the state untouched and returns the plain sum, so the trainer sees the non-finite
-    gradient and can skip the step.
+    floats (and `coefficient_tensor` for the device path). All ranks see the same Gram, hence
+    the same coefficients; a non-finite Gram (non-finite gradients) leaves the state
+    untouched and returns the plain sum, so the trainer sees the non-finite gradient and can
+    skip the step.
     """
 
     supports_pieces = True

@@ -1,7 +1,7 @@
 """Gram matrix of per-task gradients and the telemetry derived from it."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -51,6 +51,64 @@ def _flat(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``g`` as a 1-D tensor of ``dtype``, without a copy when it already is one."""
     flat = g.view(-1) if g.is_contiguous() else g.reshape(-1)
     return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def task_stacks(grads: Sequence[TaskGrad]) -> List[torch.Tensor]:
+    """The per-task gradients as one [M, N] matrix per piece, in their own dtype: a view when
+    the M gradients already lie one after another in one buffer (autograd handed over one
+    [M, B, ...] gradient), else one stacked copy."""
+    tasks = [pieces(g) for g in grads]
+    m = len(tasks)
+    out = []
+    for k in range(len(tasks[0])):
+        parts = [task[k] for task in tasks]
+        first = parts[0]
+        n = first.numel()
+        base, step = first.data_ptr(), n * first.element_size()
+        adjacent = base != 0 and all(
+            p.is_contiguous() and p.data_ptr() == base + i * step for i, p in enumerate(parts)
+        )
+        out.append(first.as_strided((m, n), (n, 1)) if adjacent else torch.stack([p.reshape(n) for p in parts]))
+    return out
+
+
+def gram_of_stacks(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Gram [M, M] (float64, on the stacks' device) as one matrix product per piece.
+    Half-precision stacks are multiplied with float32 accumulation and output (on CUDA
+    without a float32 copy of the gradients)."""
+    total: Optional[torch.Tensor] = None
+    for s in stacks:
+        part = _self_product(s).to(GRAM_DTYPE)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+_MIXED_MM = {"cpu": False}  # device type -> torch.mm(out_dtype=float32) works for half inputs
+
+
+def _self_product(s: torch.Tensor) -> torch.Tensor:
+    """S Sᵀ, in float32 at least."""
+    if s.dtype in (torch.float32, torch.float64):
+        return s @ s.t()
+    kind = s.device.type
+    if _MIXED_MM.get(kind, True):
+        try:
+            out = torch.mm(s, s.t(), out_dtype=torch.float32)
+            _MIXED_MM[kind] = True
+            return out
+        except (NotImplementedError, RuntimeError, TypeError):
+            _MIXED_MM[kind] = False  # this torch/device has no mixed-precision mm
+    wide = s.float()
+    return wide @ wide.t()
+
+
+def combine_stacks(coef: torch.Tensor, stacks: Sequence[torch.Tensor], like: TaskGrad) -> TaskGrad:
+    """``sum_m coef_m g_m`` as one matrix-vector product per piece, shaped like ``like`` (one
+    task's gradient: a tensor or its pieces)."""
+    shapes = [p.shape for p in pieces(like)]
+    out = tuple((coef.to(s.dtype) @ s).view(shape) for s, shape in zip(stacks, shapes))
+    return out if isinstance(like, tuple) else out[0]
 
 
 def norms_from_gram(gram: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 and, in the single backward pass, replaces the sum of their gradients by the balanced one."""
 from __future__ import annotations
 
-import time
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,18 +9,9 @@ from torch import nn
 
 from .base import Balancer
 from .gram import TaskGrad
+from .telemetry import BackwardTiming
 
 Shared = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-class BackwardTiming:
-    """Wall time of the last backward through a balance point. A plain object, written inside
-    the backward pass (an nn.Module attribute costs microseconds to set)."""
-
-    __slots__ = ("seconds",)
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
 
 
 class _BalanceFunction(torch.autograd.Function):
@@ -42,7 +32,7 @@ class _BalanceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):  # type: ignore[override]
-        start = time.perf_counter()
+        ctx.timing.start(ctx.device)
         n, m = len(ctx.shapes), ctx.balancer.num_tasks
         if n == 1 and all(g is not None for g in grads):
             per_task: Sequence[TaskGrad] = grads  # one input: the gradients as autograd produced them
@@ -51,7 +41,7 @@ class _BalanceFunction(torch.autograd.Function):
         combined = ctx.balancer.combine_in_backward(per_task)
         pieces = combined if n > 1 else (combined,)
         outs = [p if p.dtype == dt else p.to(dt) for p, dt in zip(pieces, ctx.dtypes)]
-        ctx.timing.seconds = time.perf_counter() - start
+        ctx.timing.stop()
         return (None, *outs)
 
 
@@ -85,8 +75,9 @@ class BalancePoint(nn.Module):
 
     @property
     def last_balance_seconds(self) -> float:
-        """Wall time of the last backward through the node (combine incl. communication); on
-        GPU this includes the host synchronisation the solvers need."""
+        """Time of the last backward through the node (combine incl. communication): GPU time
+        between CUDA events on GPU (reading it waits for the node's own kernels only), wall
+        time on CPU. Either way it excludes waiting for work queued before the node."""
         return self.timing.seconds
 
     @property

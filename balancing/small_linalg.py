@@ -1,9 +1,10 @@
 """Linear algebra on small dense matrices held as Python floats.
 
-The balance point's solvers work on the M x M Gram matrix (M = number of tasks, a handful)
-inside the backward pass, where a tensor operation costs 5-15 µs and all the arithmetic of
-an M x M problem costs less than one of them. Vectors are lists of floats, matrices lists
-of rows.
+The host path's solvers work on the M x M Gram matrix (M = number of tasks, a handful)
+inside the backward pass, where one tensor operation costs 5-15 µs on a CPU and all the
+arithmetic of an M x M problem costs less than that: this is why the host path uses
+floats (the device path, `device_linalg`, exists because on a GPU reading them back would
+stall). Vectors are lists of floats, matrices lists of rows.
 """
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 tensors -> balance point -> one head per task."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -12,23 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from balancing import Balancer, BalancePoint
 from models.arches import DenseArch, InteractionDCNArch, SparseArch
-from models.heads import MMoEHeads, SharedBottomHeads
-
-MODEL_KINDS = ("mmoe", "shared_bottom")
-
-
-@dataclass
-class RankerSpec:
-    """Architecture hyper-parameters (independent of any data set)."""
-
-    kind: str = "mmoe"
-    dense_layers: list[int] = field(default_factory=lambda: [64, 32])
-    cross_layers: int = 2
-    cross_rank: int = 16
-    shared_layers: list[int] = field(default_factory=lambda: [128, 64])
-    num_experts: int = 4
-    expert_layers: list[int] = field(default_factory=lambda: [64])
-    tower_layers: list[int] = field(default_factory=lambda: [32])
+from models.config import MODEL_KINDS, ModelConfig
+from models.heads import MMoEHeads, PLEHeads, SharedBottomHeads
 
 
 class MultiTaskRanker(nn.Module):
@@ -40,7 +24,7 @@ class MultiTaskRanker(nn.Module):
         tables: list[EmbeddingBagConfig],
         num_dense: int,
         num_tasks: int,
-        spec: RankerSpec,
+        spec: ModelConfig,
         balancer: Balancer,
         device: torch.device | None = None,
     ) -> None:
@@ -58,23 +42,35 @@ class MultiTaskRanker(nn.Module):
             spec.cross_rank,
             spec.shared_layers,
         )
-        width = self.interaction.out_features
+        self.heads = self.make_heads(self.interaction.out_features, num_tasks, spec)
+        self.balance_point = self.make_balance_point(balancer)
+
+    def make_heads(self, width: int, num_tasks: int, spec: ModelConfig) -> nn.Module:
+        """The task side over the interaction's output; a model with another task side
+        overrides this (as TorchRec's DLRM_DCN swaps DLRM's interaction)."""
         if spec.kind == "mmoe":
-            self.heads: MMoEHeads | SharedBottomHeads = MMoEHeads(
-                width, num_tasks, spec.num_experts, spec.expert_layers, spec.tower_layers
-            )
-        else:
-            self.heads = SharedBottomHeads(width, num_tasks, spec.tower_layers)
-        self.balance_point = BalancePoint(balancer)
+            return MMoEHeads(width, num_tasks, spec.num_experts, spec.expert_layers, spec.tower_layers)
+        if spec.kind == "ple":
+            return PLEHeads(width, num_tasks, spec.num_experts, spec.task_experts, spec.ple_layers,
+                            spec.expert_layers, spec.tower_layers)
+        return SharedBottomHeads(width, num_tasks, spec.tower_layers)
+
+    def make_balance_point(self, balancer: Balancer) -> nn.Module:
+        return BalancePoint(balancer)
 
     @property
     def balancer(self) -> Balancer:
         return self.balance_point.balancer
 
+    def bottom(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled embeddings [B, sum of dims] in `SparseArch.feature_names` order, interaction output h)."""
+        dense_x = self.dense_arch(dense)
+        sparse_x = self.sparse_arch(sparse)
+        return sparse_x, self.interaction(dense_x, sparse_x)
+
     def shared(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, ...]:
         """The tensors all task modules read (for MMoE: expert outputs and gate input)."""
-        h = self.interaction(self.dense_arch(dense), self.sparse_arch(sparse))
-        return self.heads.shared(h)
+        return self.heads.shared(self.bottom(dense, sparse)[1])
 
     def task_logits(self, shared_copies: tuple[tuple[torch.Tensor, ...], ...]) -> torch.Tensor:
         return torch.stack([self.heads.task(m, shared_copies[m]) for m in range(self.num_tasks)])
@@ -87,5 +83,4 @@ class MultiTaskRanker(nn.Module):
         """Dense parameters upstream of the balance point (the 'parameter level')."""
         yield from self.dense_arch.parameters()
         yield from self.interaction.parameters()
-        if isinstance(self.heads, MMoEHeads):
-            yield from self.heads.experts.parameters()
+        yield from self.heads.upstream_parameters()

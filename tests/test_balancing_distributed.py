@@ -35,6 +35,9 @@ CASES = {
     "pcgrad": ("pcgrad", {"seed": 2}),
     "cograd": ("cograd", {"gamma": [0.2, 0.1, 0.3]}),
 }
+#: the device path (Gram, all-reduce, solve and combination as tensors), forced on the CPU
+DEVICE_CASES = ("multibalance_cosine", "mgda", "cagrad", "imtl_g", "gradvac", "dbmtl", "pcgrad", "static")
+CASES.update({f"{key}@device": CASES[key] for key in DEVICE_CASES})
 
 
 def make_grads() -> list[torch.Tensor]:
@@ -53,6 +56,7 @@ def run_cases(rows: slice) -> dict:
     results = {}
     for key, (name, opts) in CASES.items():
         bal = make_balancer(name, M, **opts)
+        bal.path = "device" if key.endswith("@device") else "auto"
         combined, weights, extra = [], [], []
         for g in make_grads():
             combined.append(bal.combine(g[:, rows].contiguous()))

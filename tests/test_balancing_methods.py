@@ -373,3 +373,49 @@ def test_nashmtl_zero_gradient_task_gets_zero_weight():
     _, comb, weights = run("nashmtl", [g])
     assert weights[0][2] == 0 and np.all(weights[0][:2] > 0)
     assert np.all(np.isfinite(comb[0]))
+
+
+def test_cograd_prior_entropy_weights_make_each_task_loss_an_ne():
+    """w_i = 1 / H(p_i): a task's weighted log loss is its NE (the paper's loss weights from the
+    prior cross-entropy)."""
+    import math
+
+    from balancing import TaskInfo
+
+    bal = make_balancer("cograd", 2, weights="prior_entropy", gamma=0.0)
+    assert bal.needs_label_rates
+    with pytest.raises(RuntimeError, match="bind_tasks"):
+        bal.combine(torch.randn(2, 4, 3))
+    bal.bind_tasks(TaskInfo(("click", "buy"), (0.5, 0.1)))
+    h = [math.log(2), -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))]
+    assert bal.weights == pytest.approx([1 / h[0], 1 / h[1]])
+    g = torch.randn(2, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(bal.combine(g), g[0] / h[0] + g[1] / h[1])
+    with pytest.raises(ValueError, match="'weights' must be 2 numbers >= 0 or 'prior_entropy'"):
+        make_balancer("cograd", 2, weights="entropy")
+    assert not make_balancer("cograd", 2).needs_label_rates
+
+
+def test_multibalance_prior_and_output_scale():
+    """λ starts at the prior λ0, which also enters the update's ρλ0 term; output="average"
+    is the paper's Σλv, "sum" M·Σλv."""
+    g = torch.randn(2, 8, 3, dtype=torch.float64)
+    avg = make_balancer("multibalance", 2, prior=[3.0, 1.0], output="average", beta=0.0, ema=False)
+    total = make_balancer("multibalance", 2, prior=[3.0, 1.0], beta=0.0, ema=False)
+    assert avg.lambdas.tolist() == [0.75, 0.25]
+    torch.testing.assert_close(avg.combine(g), 0.75 * g[0] + 0.25 * g[1])
+    torch.testing.assert_close(total.combine(g), 2 * (0.75 * g[0] + 0.25 * g[1]))
+    for bad, needle in (([1.0], "one entry per task"), ([0.0, 0.0], "positive sum"), ([-1.0, 2.0], r"'prior\[0\]'")):
+        with pytest.raises(ValueError, match=needle):
+            make_balancer("multibalance", 2, prior=bad)
+
+
+def test_cograd_tracks_the_size_of_its_correction():
+    bal = make_balancer("cograd", 2, gamma=[50.0, 20.0], track_correction=True)
+    g = torch.randn(2, 16, 4, dtype=torch.float64) * 1e-2
+    out = bal.combine(g)
+    plain = g[0] + g[1]
+    expected = float((out - plain).norm() / plain.norm())
+    assert expected > 1e-3
+    assert bal.extra_stats()["correction_ratio_last"] == pytest.approx(expected, rel=1e-9)
+    assert make_balancer("cograd", 2).extra_stats() == {}

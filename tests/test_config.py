@@ -14,11 +14,15 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "census.toml", "synthetic.toml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_shipped_configs_load(name):
+    from balancing import make_balancer
+    from models.config import MODEL_KINDS
+
     cfg = load_config(CONFIGS / name)
     assert cfg.data.global_batch_size > 0
-    assert cfg.model.kind in ("mmoe", "shared_bottom")
+    assert cfg.model.kind in MODEL_KINDS
+    make_balancer(cfg.balance.method, 2, **cfg.balance.options)  # its options are valid
 
 
 def test_values_and_overrides(tmp_path):

@@ -73,46 +73,68 @@ def test_alpha_from_combine_uses_the_adam_updates():
         np.testing.assert_allclose(a * (k @ a), 1.0, rtol=1e-7)
 
 
-def np_pub(steps, every, b1=0.9, b2=0.999, eps=1e-8):
+def np_pub(steps, every, b1=0.9, b2=0.999, eps=1e-8, step="adam", normalize=True):
     """Independent transcription: per-task Adam updates from fixed moments, α minimising
-    ½αᵀKα − Σ log α (scipy), combined update, moments from the α-weighted gradient."""
+    ½αᵀKα − Σ log α (scipy), combined update (rescaled to the norm of Adam's update of the
+    summed gradient for step="adam"), moments from the α-weighted gradient."""
     m_tasks, p = steps[0].shape
     m, v, alpha = np.zeros(p), np.zeros(p), np.ones(m_tasks)
-    out = []
-    for t, g in enumerate(steps, start=1):
+
+    def adam(g, t):
         mt = b1 * m + (1 - b1) * g
         vt = b2 * v + (1 - b2) * g * g
-        u = (mt / (1 - b1 ** t)) / (np.sqrt(vt) / np.sqrt(1 - b2 ** t) + eps)
+        return (mt / (1 - b1 ** t)) / (np.sqrt(vt) / np.sqrt(1 - b2 ** t) + eps)
+
+    out = []
+    for t, g in enumerate(steps, start=1):
+        u = adam(g, t)
         if (t - 1) % every == 0:
             k = u @ u.T
-            k = k / np.linalg.norm(k)
+            if normalize:
+                k = k / np.linalg.norm(k)
             res = minimize(lambda a: 0.5 * a @ k @ a - np.log(a).sum(), alpha,
-                           jac=lambda a: k @ a - 1 / a, bounds=[(1e-9, None)] * m_tasks, tol=1e-14,
+                           jac=lambda a: k @ a - 1 / a, bounds=[(1e-12, None)] * m_tasks, tol=1e-14,
                            method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-13, "ftol": 1e-15})
             alpha = res.x
-        out.append((alpha.copy(), alpha @ u))
-        ga = alpha @ g
+        used = alpha
+        if step == "adam":
+            used = alpha * np.linalg.norm(adam(g.sum(axis=0), t)) / np.linalg.norm(alpha @ u)
+        out.append((alpha.copy(), used @ u))
+        ga = used @ g
         m = b1 * m + (1 - b1) * ga
         v = b2 * v + (1 - b2) * ga * ga
     return out
 
 
-def test_matches_numpy_transcription():
+@pytest.mark.parametrize("step, normalize", [("adam", True), ("solved", True), ("solved", False)])
+def test_matches_numpy_transcription(step, normalize):
     rng = np.random.default_rng(11)
     steps = []
     for _ in range(7):
         g = rng.normal(size=(3, 25))
         g[1] = -0.5 * g[0] + 0.9 * g[1]
         steps.append(g * np.array([1.0, 3.0, 0.3])[:, None])
-    expected = np_pub(steps, every=3)
-    pub = make_balancer("pub", 3, every=3)
+    expected = np_pub(steps, every=3, step=step, normalize=normalize)
+    pub = make_balancer("pub", 3, every=3, step=step, normalize=normalize)
     for g, (alpha, combined) in zip(steps, expected):
         got = pub.combine(torch.tensor(g).unsqueeze(1)).reshape(-1).numpy()
         np.testing.assert_allclose(pub.alpha.numpy(), alpha, rtol=1e-5)
         np.testing.assert_allclose(got, combined, rtol=1e-5, atol=1e-8)
     stats = pub.stats()
-    torch.testing.assert_close(stats["weights"], pub.alpha)
+    scale = pub.extra_stats()["step_scale"]
+    torch.testing.assert_close(stats["weights"], pub.alpha * scale)
     np.testing.assert_allclose(stats["grad_norms"].numpy(), np.linalg.norm(steps[-1], axis=1), rtol=1e-10)
+
+
+def test_adam_step_size_makes_the_normalisation_irrelevant():
+    """Frobenius normalisation (authors' code) or none (paper) only scales α, so with the update
+    rescaled to Adam's step the two give the same updates."""
+    rng = np.random.default_rng(5)
+    a, b = make_balancer("pub", 2, every=2, normalize=True), make_balancer("pub", 2, every=2, normalize=False)
+    for _ in range(5):
+        g = torch.tensor(rng.normal(size=(2, 1, 30)) * np.array([1.0, 4.0])[:, None, None])
+        torch.testing.assert_close(a.combine(g), b.combine(g), rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(a.alpha, b.alpha)
 
 
 def test_alpha_recomputed_every_k_steps_and_failures_keep_previous():
@@ -185,10 +207,10 @@ def sharded_run(config: dict):
 
 
 def reference_run(config: dict):
-    from trainer.pub import PUBLevel
+    from balancing.methods.pub import PUBStep
 
     cfg, schema, model, opts = reference.reference_model(config)
-    pub = PUBLevel(model.shared_dense_parameters(), make_balancer("pub", 2, every=2), cfg.train.dense_lr)
+    pub = PUBStep(model.shared_dense_parameters(), make_balancer("pub", 2, every=2), cfg.train.dense_lr)
     owned = {id(p) for p in pub.params}
     embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
     dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n and id(p) not in owned]
@@ -246,3 +268,19 @@ def test_cli_trains_from_census_pub_config(tiny_dataset, tmp_path):
     assert extra["solves"] == 3 and extra["failed_solves"] == 0
     assert all(a > 0 for a in extra["alpha"])
     assert set(summary["weights"]) == {"click", "conversion"}
+
+
+def test_weight_decay_is_split_over_the_tasks_gradients():
+    """PUBStep with weight decay w: as if each of the M task gradients carried w·p/M (their sum:
+    Adam's L2 term w·p on the summed loss)."""
+    from balancing.methods.pub import PUBStep
+
+    torch.manual_seed(0)
+    start = torch.randn(6, dtype=torch.float64)
+    per_task = torch.randn(2, 6, dtype=torch.float64)
+    with_decay = torch.nn.Parameter(start.clone())
+    by_hand = torch.nn.Parameter(start.clone())
+    PUBStep([with_decay], make_balancer("pub", 2), 0.01, weight_decay=0.5).apply(per_task)
+    PUBStep([by_hand], make_balancer("pub", 2), 0.01).apply(per_task + 0.25 * start)
+    torch.testing.assert_close(with_decay.detach(), by_hand.detach())
+    assert not torch.equal(with_decay.detach(), start)

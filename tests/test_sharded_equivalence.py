@@ -55,6 +55,7 @@ def reference_losses(config: dict) -> tuple[list[list[float]], list[list[float]]
         ("row_wise", "shared_bottom", "equal"),
         ("column_wise", "mmoe", "multibalance"),
         ("table_wise", "shared_bottom", "cograd"),
+        ("table_wise", "ple", "multibalance"),
     ],
 )
 def test_two_rank_sharded_matches_one_process(tiny_dataset, sharding, kind, method):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from balancing.registry import INTERNAL_ARGUMENTS
+from models.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -31,18 +32,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    kind: Literal["mmoe", "shared_bottom"] = "mmoe"
-    dense_layers: list[int] = field(default_factory=lambda: [64, 32])
-    cross_layers: int = 2
-    cross_rank: int = 16
-    shared_layers: list[int] = field(default_factory=lambda: [128, 64])
-    num_experts: int = 4
-    expert_layers: list[int] = field(default_factory=lambda: [64])
-    tower_layers: list[int] = field(default_factory=lambda: [32])
-
-
-@dataclass
 class ShardingConfig:
     type: Literal["auto", "table_wise", "row_wise", "column_wise"] = "auto"
 
@@ -53,11 +42,15 @@ class TrainConfig:
     epochs: float = 1.0
     seed: int = 0
     dense_lr: float = 1e-3
+    # L2 weight decay of the dense Adam (torch.optim.Adam's weight_decay); PUB's paper uses 1e-6
+    weight_decay: float = 0.0
     embedding_optimizer: Literal["sgd", "adagrad", "rowwise_adagrad"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
     log_every: int = 50
     eval_every: int = 0
     threads_per_rank: int = 1
+    # "auto": CUDA when this process sees a GPU, else the CPU; "cuda" fails before launch without one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # non-finite steps in a row after which the run saves a checkpoint and stops
     max_nonfinite_in_row: int = 20
 
@@ -110,7 +103,7 @@ class Config:
 
 POSITIVE_KEYS = {
     "data.global_batch_size", "data.eval_batch_size", "data.prefetch",
-    "model.cross_rank", "model.num_experts", "train.log_every", "train.threads_per_rank",
+    "model.cross_rank", "model.num_experts", "model.task_experts", "model.ple_layers", "train.log_every", "train.threads_per_rank",
     "checkpoint.keep", "train.max_nonfinite_in_row",
 }
 NON_NEGATIVE_KEYS = {"model.cross_layers", "train.steps", "train.eval_every", "train.seed", "checkpoint.every"}
@@ -212,6 +205,8 @@ def _check_ranges(cfg: Config) -> None:
     }.items():
         if not value > 0:
             raise ConfigError(f"config key '{key}': {value} is not allowed; expected a number > 0")
+    if not cfg.train.weight_decay >= 0:
+        raise ConfigError(f"config key 'train.weight_decay': {cfg.train.weight_decay} is not allowed; expected a number >= 0")
     for key in ("model.dense_layers", "model.shared_layers", "model.expert_layers", "model.tower_layers"):
         section, name = key.split(".")
         layers = getattr(cfg.model, name)

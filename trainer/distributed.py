@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -22,20 +24,41 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed() -> DistEnv:
+def resolve_device(kind: str, local_ranks: int = 1) -> str:
+    """``train.device`` -> "cuda" or "cpu" ("auto": CUDA when this process sees a GPU).
+    "cuda" without a GPU for each of ``local_ranks`` ranks is a config error."""
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found < local_ranks:
+            raise ConfigError(
+                f"config key 'train.device': 'cuda' needs one GPU per local rank ({local_ranks}), this machine "
+                f"has {found} usable (torch {torch.__version__}); allowed: 'auto', 'cpu', 'cuda'"
+            )
+    return kind
+
+
+def process_group_backend(device_type: str) -> str:
+    """NCCL for CUDA tensors, gloo for the CPU ones (control flags, counters) in one default
+    group on GPU; gloo alone on CPU."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed(device_kind: str = "auto") -> DistEnv:
     """Join the job's process group: NCCL on GPU, gloo on CPU, same code path. Outside a
     launcher (no RANK in the environment) this is a group of one, so the single-process
     path is the distributed path with world size 1."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if resolve_device(device_kind, local_ranks) == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
         device = torch.device("cpu")
-        backend = "gloo"
+    backend = process_group_backend(device.type)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"

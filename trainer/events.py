@@ -41,6 +41,8 @@ class Progress:
     weights: list[float] | None
     grad_norms: list[float]
     cosines: list[list[float]]
+    # this rank's GPU memory in bytes ({allocated, reserved, peak since the last point}); None on CPU
+    gpu_memory: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,8 @@
 optimizer is fused into the backward, so the check must happen INSIDE the backward, at the
 gradient entering the embedding tables: if any rank sees a non-finite value there, every
 rank zeroes it (a zero gradient leaves SGD/Adagrad weights and states unchanged) and the
-dense optimizer step is skipped. One all-reduced number per step."""
+dense optimizer step is skipped. One all-reduced number per step. On GPU the flag stays on
+the device inside the backward and is read once, after it (`step_is_finite`)."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 class NonFiniteGuard:
     def __init__(self, sparse_module: nn.Module) -> None:
-        self.tripped = False
+        self._bad: torch.Tensor | None = None
         sparse_module.register_forward_hook(self._attach)
 
     def _attach(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
@@ -20,22 +21,31 @@ class NonFiniteGuard:
             output.register_hook(self._check)
 
     def _check(self, grad: torch.Tensor) -> torch.Tensor:
-        bad = torch.tensor([0.0 if bool(torch.isfinite(grad).all()) else 1.0])
+        bad = (~torch.isfinite(grad).all()).to(torch.float32).reshape(1)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.tripped = bool(bad[0])
-        return torch.zeros_like(grad) if self.tripped else grad
+        self._bad = bad
+        if grad.device.type == "cpu":  # a host read costs nothing here, and skips a pass over grad
+            return torch.zeros_like(grad) if bool(bad[0]) else grad
+        return torch.where(bad.bool(), torch.zeros_like(grad), grad)
+
+    @property
+    def tripped(self) -> bool:
+        """Whether this step's embedding gradient was non-finite on some rank (a host read)."""
+        return self._bad is not None and bool(self._bad[0])
 
     def begin_step(self) -> None:
-        self.tripped = False
+        self._bad = None
 
-
-def grads_finite(params: list[nn.Parameter]) -> bool:
-    """Dense gradients are identical on every rank after DDP's all-reduce: no communication."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    def step_is_finite(self, params: list[nn.Parameter]) -> bool:
+        """The guard's flag and the dense gradients (identical on every rank after DDP's
+        all-reduce, so no communication) in ONE host read."""
+        grads = [p.grad for p in params if p.grad is not None]
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else None
+        if self._bad is not None:
+            fine = ~self._bad[0].bool()
+            ok = fine if ok is None else ok & fine.to(ok.device)
+        return True if ok is None else bool(ok)
 
 
 class NonFiniteLimitError(RuntimeError):

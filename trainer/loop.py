@@ -19,7 +19,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from balancing import Balancer, make_balancer
 from trainer.build import build_balancer, build_model
 from trainer.checkpoint import CheckpointManager, CheckpointMismatchError
-from trainer.guard import NonFiniteGuard, NonFiniteLimitError, grads_finite
+from trainer.guard import NonFiniteGuard, NonFiniteLimitError
 from trainer.config import Config, ConfigError
 from trainer.data.batch import Batch
 from trainer.data.reader import ParquetReader
@@ -28,9 +28,9 @@ from trainer.data.schema import Schema
 from trainer.distributed import DistEnv, all_reduce_sum
 from trainer.gauc import UserGAUC
 from trainer.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
-from trainer.metrics import TaskMetrics, Throughput, global_mean
-from trainer.param_level import ParameterLevelBalancing, own_rank_group
-from trainer.pub import PUBLevel
+from trainer.metrics import TaskMetrics, Throughput, global_mean, gpu_memory
+from balancing.parameter_level import ParameterLevelBalancing, own_rank_group
+from balancing.methods.pub import PUBStep
 from trainer.progress import ConsoleProgress
 from trainer.report import write_json
 from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
@@ -89,16 +89,13 @@ class Trainer:
         self.schema = Schema.load(root / "schema.json")
         self.tasks = list(self.schema.labels)
         torch.manual_seed(cfg.train.seed)
-        self.param_level: ParameterLevelBalancing | PUBLevel | None = None
+        self.param_level: ParameterLevelBalancing | PUBStep | None = None
         model = self._build_model()
         self.model = shard_model(
             model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
         )
-        self.optimizer = (
-            self.param_level.make_optimizer(self.model, cfg.train.dense_lr)
-            if isinstance(self.param_level, PUBLevel)
-            else make_optimizer(self.model, cfg.train.dense_lr)
-        )
+        owned = self.param_level.params if isinstance(self.param_level, PUBStep) else ()
+        self.optimizer = make_optimizer(self.model, cfg.train.dense_lr, cfg.train.weight_decay, exclude=owned)
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
         self.guard = NonFiniteGuard(self.ranker.sparse_arch)
         self.local_batch = local_batch_size(cfg.data.global_batch_size, env.world_size, "data.global_batch_size")
@@ -135,10 +132,10 @@ class Trainer:
         if cfg.balance.method != "pub" and cfg.balance.level != "parameters":
             return build_model(cfg, self.schema)
         model = build_model(cfg, self.schema, point_balancer=make_balancer("equal", tasks))
-        balancer = build_balancer(cfg, tasks, process_group=own_rank_group())
+        balancer = build_balancer(cfg, tasks, process_group=own_rank_group(), schema=self.schema)
         shared = model.shared_dense_parameters()
         if cfg.balance.method == "pub":
-            self.param_level = PUBLevel(shared, balancer, cfg.train.dense_lr)
+            self.param_level = PUBStep(shared, balancer, cfg.train.dense_lr, cfg.train.weight_decay)
         else:
             self.param_level = ParameterLevelBalancing(shared, balancer)
         model.add_module("parameter_balancer", balancer)
@@ -247,6 +244,7 @@ class Trainer:
             Path(self.cfg.data.path), self.schema, split, batch, self.env.rank, self.env.world_size,
             shuffle=shuffle, seed=self.cfg.train.seed, drop_last=drop_last, prefetch=self.cfg.data.prefetch,
             id_policy=self.cfg.data.id_policy, bad_rows=self.cfg.data.bad_rows,
+            pin_memory=self.env.device.type == "cuda",
         )
 
     def train_step(self, batch: Batch) -> StepResult:
@@ -270,7 +268,7 @@ class Trainer:
             self.param_level.apply(per_task)
             param_seconds += time.perf_counter() - started
         balance_seconds = param_seconds if self.param_level else self.ranker.balance_point.last_balance_seconds
-        if self.guard.tripped or not grads_finite(self.dense_params):
+        if not self.guard.step_is_finite(self.dense_params):
             self.optimizer.zero_grad()  # skip: the embeddings received a zero gradient
             return StepResult(losses=losses.detach(), balance_seconds=balance_seconds, nonfinite=True)
         self.optimizer.step()
@@ -286,7 +284,7 @@ class Trainer:
         last = min(self.total_steps, until_step or self.total_steps)
         while self.step < last:
             step_started = time.perf_counter()
-            batch = next(self.stream).to(self.env.device)
+            batch = next(self.stream).to(self.env.device, non_blocking=True)
             data_wait = time.perf_counter() - step_started
             result = self.train_step(batch)
             self.step += 1
@@ -351,6 +349,7 @@ class Trainer:
             weights=None if weights is None else [float(w) for w in weights],
             grad_norms=[float(x) for x in stats["grad_norms"]],
             cosines=[[float(x) for x in row] for row in stats["cosines"]],
+            gpu_memory=gpu_memory(self.env.device),
         )
         for sink in self.sinks:
             sink.on_progress(progress)
@@ -373,7 +372,7 @@ class Trainer:
         gauc = UserGAUC(self.tasks, self.env.rank, self.env.world_size) if self.schema.user_id else None
         self.model.eval()
         for batch in reader.epoch(0):
-            batch = batch.to(self.env.device)
+            batch = batch.to(self.env.device, non_blocking=True)
             logits = self.model(batch.dense, batch.sparse)
             metrics.update(logits, batch.labels, batch.weights)
             if gauc is not None:

@@ -91,3 +91,17 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
+
+
+def gpu_memory(device: torch.device) -> dict[str, float] | None:
+    """This rank's GPU memory in bytes: allocated now, reserved by the caching allocator, and
+    the peak allocated since the previous call (the peak is reset); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    out = {
+        "allocated": float(torch.cuda.memory_allocated(device)),
+        "reserved": float(torch.cuda.memory_reserved(device)),
+        "peak": float(torch.cuda.max_memory_allocated(device)),
+    }
+    torch.cuda.reset_peak_memory_stats(device)
+    return out

@@ -10,6 +10,7 @@ from trainer.build import build_balancer, embedding_tables
 from trainer.config import Config, ConfigError
 from trainer.data.reader import ParquetReader
 from trainer.data.schema import Schema
+from trainer.distributed import resolve_device
 from trainer.loop import local_batch_size
 from trainer.sharding import check_tables_fit
 
@@ -27,6 +28,7 @@ def preflight(cfg: Config, world_size: int) -> Schema:
         build_balancer(cfg, len(schema.labels))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    resolve_device(cfg.train.device, world_size)
     train_batch = local_batch_size(cfg.data.global_batch_size, world_size, "data.global_batch_size")
     eval_batch = local_batch_size(cfg.data.eval_batch_size, world_size, "data.eval_batch_size")
     check_splits(cfg, schema, world_size, train_batch, eval_batch)

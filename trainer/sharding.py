@@ -127,11 +127,17 @@ def sharding_plan_summary(dmp: DistributedModelParallel) -> dict[str, dict[str, 
     return summary
 
 
-def make_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
-    """Adam for everything dense; the fused embedding optimizer already runs in backward."""
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    dense_opt = KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=dense_lr))
-    return CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+def make_optimizer(dmp: DistributedModelParallel, dense_lr: float, weight_decay: float = 0.0,
+                   exclude: Iterable[nn.Parameter] = ()) -> CombinedOptimizer:
+    """The fused embedding optimizer (it already runs in the backward) and Adam for the dense
+    parameters, except ``exclude`` (parameters another optimizer step owns, e.g. PUB's)."""
+    skip = {id(p) for p in exclude}
+    dense = {n: p for n, p in in_backward_optimizer_filter(dmp.named_parameters()) if id(p) not in skip}
+    optimizers: list[Any] = [dmp.fused_optimizer]
+    if dense:
+        optimizers.append(KeyedOptimizerWrapper(
+            dense, lambda params: torch.optim.Adam(params, lr=dense_lr, weight_decay=weight_decay)))
+    return CombinedOptimizer(optimizers)
 
 
 def copy_full_embeddings(dmp: DistributedModelParallel, full_state: dict[str, torch.Tensor]) -> None:

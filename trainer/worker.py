@@ -48,7 +48,7 @@ def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
     keep_freed_memory()
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_rank)
-    env = init_distributed()
+    env = init_distributed(cfg.train.device)
     from trainer.loop import Preempted, Trainer
     from trainer.telemetry import make_sinks
 

@@ -3,6 +3,7 @@ from . import (  # noqa: F401  (imported for their @register side effect)
     cagrad,
     cograd,
     dbmtl,
+    drgrad,
     equal,
     gradvac,
     graddrop,

@@ -7,14 +7,18 @@ and the update direction is d = g0 + (sqrt(phi) / ||g_w*||) g_w*, divided by 1 +
 quadratic forms; the dual is solved by projected gradient descent with backtracking on
 the M simplex variables (`solve_dual`). d is on the scale of the AVERAGE gradient (paper
 convention). ``stats()["weights"]`` are the effective multipliers (1/M + lambda w*)/rescale.
-Options: c=0.5, rescale=1.
+On the device the dual is solved exactly by enumerating the simplex's faces (up to 10 tasks;
+above that the host solver runs, which reads the Gram). Options: c=0.5, rescale=1.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, List, Optional
 
+import torch
+
 from ..base import GramBalancer
+from ..device_linalg import MAX_FACE_TASKS, cagrad_dual_tensor
 from ..gram import GramRows
 from ..options import check_float, check_int
 from ..registry import register
@@ -123,6 +127,7 @@ class CAGrad(GramBalancer):
         self.rescale = check_int("rescale", rescale, low=0)
         if self.rescale > 2:
             raise ValueError(f"balance option 'rescale' must be 0, 1 or 2, got {rescale!r}")
+        self.device_path = num_tasks <= MAX_FACE_TASKS
 
     def coefficient_values(self, gram: GramRows) -> List[float]:
         m = self.num_tasks
@@ -130,5 +135,15 @@ class CAGrad(GramBalancer):
         g0_norm = math.sqrt(max(sum(map(sum, gram)) / (m * m), 0.0))  # ||g0||² = 1ᵀK1 / M²
         gw_norm = math.sqrt(max(quad(gram, w), 0.0))
         lam = self.c * g0_norm / gw_norm if gw_norm > 0 else 0.0
-        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return [(1.0 / m + lam * wi) / divisor for wi in w]
+        return [(1.0 / m + lam * wi) / self._divisor() for wi in w]
+
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        m = self.num_tasks
+        w = cagrad_dual_tensor(gram, self.c)
+        g0_norm = (gram.sum() / (m * m)).clamp_min(0.0).sqrt()
+        gw_norm = (w @ gram @ w).clamp_min(0.0).sqrt()
+        lam = torch.where(gw_norm > 0, self.c * g0_norm / torch.where(gw_norm > 0, gw_norm, 1.0), 0.0)
+        return (1.0 / m + lam * w) / self._divisor()
+
+    def _divisor(self) -> float:
+        return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]

@@ -31,6 +31,8 @@ from ..registry import register
 class DBMTL(GramBalancer):
     """DB-MTL with an EMA of norms (see module docstring). State: ``ema_norms``."""
 
+    device_path = True
+
     def __init__(
         self,
         num_tasks: int,
@@ -50,6 +52,18 @@ class DBMTL(GramBalancer):
         global_losses = all_reduce_sum(losses.detach(), self.process_group) + self.eps
         value = torch.log(global_losses)
         return (value + (losses - losses.detach()) / global_losses).sum()
+
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        (ema_norms,) = self._buffers_on(gram.device, "ema_norms")
+        norms = gram.diagonal().clamp_min(0.0).sqrt()
+        t = self.steps_done + 1
+        if t == 1:
+            ema = norms
+        else:
+            beta_t = self.beta / t**self.beta_sigma
+            ema = beta_t * ema_norms + (1 - beta_t) * norms
+        ema_norms.copy_(torch.where(finite, ema, ema_norms))
+        return torch.where(norms > 0, ema.amax() / torch.where(norms > 0, norms, 1.0), 0.0)
 
     def coefficient_values(self, gram: GramRows) -> List[float]:
         norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(self.num_tasks)]

@@ -16,13 +16,17 @@ class Equal(Balancer):
     two tasks (autograd's own accumulation order is used for nothing else)."""
 
     supports_pieces = True
+    device_path = True
 
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
         self._ones = torch.ones(num_tasks, dtype=torch.float64)
 
     def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
-        self._global_gram(grads)  # telemetry only
+        self._telemetry_gram(grads)
         self._last.weights = self._ones
         self._advance()
         return plain_sum(grads)
+
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(gram[0])

@@ -18,15 +18,15 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..base import Balancer, plain_sum
+from ..base import Balancer, plain_sum, work_dtype
 from ..distributed import rank
-from ..options import check_int, check_per_task
+from ..options import check_per_task
 from ..registry import register
-from ..rng import step_generator
+from ..rng import SeededState, step_generator
 
 
 @register("graddrop")
-class GradDrop(Balancer):
+class GradDrop(SeededState, Balancer):
     """GradDrop (see module docstring)."""
 
     def __init__(
@@ -38,11 +38,11 @@ class GradDrop(Balancer):
     ) -> None:
         super().__init__(num_tasks, process_group)
         self.leak = tuple(float(x) for x in check_per_task("leak", leak, num_tasks, low=0.0, high=1.0))
-        self.register_buffer("seed", torch.tensor(check_int("seed", seed, low=0), dtype=torch.long))
+        self._init_seed(seed)
 
     def _combine(self, grads: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-        self._global_gram(grads)  # telemetry only
-        work = torch.promote_types(grads[0].dtype, torch.float32)
+        self._telemetry_gram(grads)
+        work = work_dtype(grads, self.on_device(grads))
         g = [t if t.dtype == work else t.to(work) for t in grads]
         # M_i g_i = 1[P > U] relu(g_i) - 1[P < U] relu(-g_i), and P = sum relu(g) / sum |g|, so
         # with up = sum relu(g) and down = sum relu(-g) = up - sum g:  P > U <=> up > U (up + down).
@@ -50,7 +50,7 @@ class GradDrop(Balancer):
         rising = [t.clamp_min(0) for t in g]
         up = plain_sum(rising)
         down = up - plain_sum(g)
-        gen = step_generator(int(self.seed), self.steps_done, g[0].device, salt=rank(self.process_group))
+        gen = step_generator(self._seed, self.steps_done, g[0].device, salt=rank(self.process_group))
         threshold = torch.rand(up.shape, generator=gen, device=up.device, dtype=up.dtype).mul_(up + down)
         keep_up, keep_down = up > threshold, up < threshold
         leak = self.leak

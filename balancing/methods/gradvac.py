@@ -59,3 +59,24 @@ class GradVac(MixingBalancer):
                 targets[i][j] = (1 - self.beta) * target + self.beta * phi
         self.targets.copy_(torch.tensor(targets, dtype=torch.float64))
         return mix
+
+    def mixing_tensor(self, gram: torch.Tensor, orders: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        (targets,) = self._buffers_on(gram.device, "targets")
+        rows = torch.arange(self.num_tasks, device=gram.device)
+        mix = torch.eye(self.num_tasks, dtype=gram.dtype, device=gram.device)
+        new_targets = targets.clone()
+        for k in range(self.num_tasks - 1):
+            j = orders[:, k]
+            mk = mix @ gram
+            n_i = (mk * mix).sum(dim=1).clamp_min(0.0).sqrt()
+            n_j = gram[j, j].clamp_min(0.0).sqrt()
+            valid = (n_i > 0) & (n_j > 0)
+            phi = mk[rows, j] / torch.where(valid, n_i * n_j, 1.0)
+            target = new_targets[rows, j]
+            root_t = (1.0 - target * target).clamp_min(_EPS).sqrt()
+            root_p = (1.0 - phi * phi).clamp_min(0.0).sqrt()
+            step = n_i * (target * root_p - phi * root_t) / (torch.where(valid, n_j, 1.0) * root_t)
+            mix = mix.index_put((rows, j), torch.where(valid & (phi < target), step, 0.0), accumulate=True)
+            new_targets[rows, j] = torch.where(valid, (1 - self.beta) * target + self.beta * phi, target)
+        targets.copy_(torch.where(finite, new_targets, targets))
+        return mix

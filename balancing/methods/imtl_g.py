@@ -6,7 +6,8 @@ unit gradient u_t = g_t/||g_t||. Closed form (paper): with D = [g_1 - g_t]_{t>=2
 U = [u_1 - u_t]_{t>=2} (rows), a_{2:M} = g_1 Uᵀ (D Uᵀ)^{-1}, a_1 = 1 - sum a_{2:M}.
 With E = [e_1 - e_t]_{t>=2} and N = diag(1/||g_t||): D Uᵀ = E K N Eᵀ and g_1 Uᵀ = e_1ᵀ K N Eᵀ,
 so only the reduced Gram K is needed. Weights sum to 1 (average scale). No options besides
-``process_group``. A singular system falls back to the pseudo-inverse.
+``process_group``. A singular system falls back to the pseudo-inverse; on the device the
+system is always solved as pinv(.) b (`device_linalg.min_norm_solve`, the same for a regular one).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, List, Optional
 import torch
 
 from ..base import GramBalancer
+from ..device_linalg import min_norm_solve
 from ..gram import GramRows
 from ..registry import register
 from ..small_linalg import Vector, solve
@@ -38,12 +40,29 @@ def imtl_g_values(k: GramRows) -> Vector:
     return [1.0 - sum(rest)] + rest
 
 
+def imtl_g_tensor(k: torch.Tensor) -> torch.Tensor:
+    """`imtl_g_values` as tensor operations on K's device (no host read)."""
+    if k.shape[0] == 1:
+        return torch.ones_like(k[0])
+    diag = k.diagonal()
+    inv = torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), 0.0)
+    kn = k * inv.unsqueeze(0)
+    du = kn[0, 0] - kn[0, 1:].unsqueeze(0) - kn[1:, 0].unsqueeze(1) + kn[1:, 1:]
+    rest = min_norm_solve(du.transpose(0, 1), kn[0, 0] - kn[0, 1:])
+    return torch.cat([1.0 - rest.sum().view(1), rest])
+
+
 @register("imtl_g")
 class IMTLG(GramBalancer):
     """IMTL-G closed-form weights (see module docstring)."""
+
+    device_path = True
 
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
 
     def coefficient_values(self, gram: GramRows) -> List[float]:
         return imtl_g_values(gram)
+
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        return imtl_g_tensor(gram)

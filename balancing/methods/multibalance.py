@@ -14,33 +14,70 @@ ema=True, direction="cosine".
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from ..base import GramBalancer
+from ..device_linalg import project_simplex_tensor
 from ..gram import GramRows
-from ..options import check_bool, check_choice, check_float
+from ..options import check_bool, check_choice, check_float, check_per_task
 from ..registry import register
 from ..simplex import project_simplex_values
 
+Numbers = Union[List[float], torch.Tensor]
+OUTPUTS = ("sum", "average")
+
+
+def _simplex_point(name: str, value: Optional[Sequence[float]], num_tasks: int) -> List[float]:
+    """Uniform for None, else M numbers >= 0 with a positive sum, scaled to sum 1."""
+    if value is None:
+        return [1.0 / num_tasks] * num_tasks
+    weights = check_per_task(name, value, num_tasks, low=0.0)
+    total = sum(weights)
+    if not total > 0:
+        raise ValueError(f"balance option {name!r} must have a positive sum (task preferences), got {value!r}")
+    return [w / total for w in weights]
+
 
 class _State:
-    """MultiBalance's 2M numbers as plain floats: read and written in every backward pass,
-    where each tensor operation costs more than the arithmetic. Not an nn.Module attribute
-    store (slow to set); checkpointed through `MultiBalance.get_extra_state`."""
+    """MultiBalance's 2M numbers, checkpointed through `MultiBalance.get_extra_state`: plain
+    floats on the host path, tensors on the gradients' device on the device path (each path
+    converts what it finds; a plain object because it is written in every backward pass)."""
 
-    __slots__ = ("lambdas", "ema_norms")
+    __slots__ = ("lambdas", "ema_norms", "started")
 
-    def __init__(self, num_tasks: int) -> None:
-        self.lambdas: List[float] = [1.0 / num_tasks] * num_tasks
-        self.ema_norms: Optional[List[float]] = None  # None until the first step observes norms
+    def __init__(self, prior: List[float]) -> None:
+        self.lambdas: Numbers = list(prior)
+        self.ema_norms: Optional[Numbers] = None  # None until the first step observes norms (host)
+        self.started: Optional[torch.Tensor] = None  # device path: 0-d bool, EMA initialised
+
+    def floats(self) -> None:
+        """Host path: the state as lists of floats."""
+        if isinstance(self.lambdas, torch.Tensor):
+            started = bool(self.started)
+            self.ema_norms = self.ema_norms.tolist() if started else None  # type: ignore[union-attr]
+            self.lambdas, self.started = self.lambdas.tolist(), None
+
+    def tensors(self, device: torch.device, num_tasks: int) -> None:
+        """Device path: the state as float64 tensors on ``device`` (host-to-device copies only)."""
+        if isinstance(self.lambdas, torch.Tensor):
+            if self.lambdas.device != device:
+                self.lambdas, self.ema_norms, self.started = (
+                    t.to(device) for t in (self.lambdas, self.ema_norms, self.started)  # type: ignore[union-attr]
+                )
+            return
+        self.started = torch.tensor(self.ema_norms is not None).to(device)
+        self.ema_norms = torch.tensor(self.ema_norms or [0.0] * num_tasks, dtype=torch.float64).to(device)
+        self.lambdas = torch.tensor(self.lambdas, dtype=torch.float64).to(device)
 
 
 @register("multibalance")
 class MultiBalance(GramBalancer):
     """MultiBalance (see module docstring). State: ``lambdas`` lam and ``ema_norms`` u, in
     ``state_dict()`` under ``_extra_state``."""
+
+    device_path = True
 
     def __init__(
         self,
@@ -50,6 +87,8 @@ class MultiBalance(GramBalancer):
         gamma: float = 0.01,
         ema: bool = True,
         direction: str = "cosine",
+        prior: Optional[Sequence[float]] = None,
+        output: str = "sum",
         process_group: Optional[Any] = None,
     ) -> None:
         super().__init__(num_tasks, process_group)
@@ -58,23 +97,34 @@ class MultiBalance(GramBalancer):
         self.gamma = check_float("gamma", gamma, low=0.0, high=1.0)
         self.ema = check_bool("ema", ema)
         self.direction = check_choice("direction", direction, ("cosine", "gradient"))
-        self._state = _State(num_tasks)
+        self.prior = _simplex_point("prior", prior, num_tasks)
+        self.output = check_choice("output", output, OUTPUTS)
+        #: M·Σλv ("sum": uniform λ without rescaling is the plain sum) or Σλv ("average", the paper's)
+        self._out_scale = float(num_tasks) if self.output == "sum" else 1.0
+        self._state = _State(self.prior)
 
     @property
     def lambdas(self) -> torch.Tensor:
-        """Current simplex weights lam [M] (float64, a copy)."""
-        return torch.tensor(self._state.lambdas, dtype=torch.float64)
+        """Current simplex weights lam [M] (float64, a host copy)."""
+        return torch.as_tensor(self._state.lambdas, dtype=torch.float64).cpu().clone()
 
     @property
     def ema_norms(self) -> torch.Tensor:
-        """EMA of the per-task gradient norms u [M] (float64, a copy; zeros before step 1)."""
-        return torch.tensor(self._state.ema_norms or [0.0] * self.num_tasks, dtype=torch.float64)
+        """EMA of the per-task gradient norms u [M] (float64, a host copy; zeros before step 1)."""
+        state = self._state
+        if state.ema_norms is None or (state.started is not None and not bool(state.started)):
+            return torch.zeros(self.num_tasks, dtype=torch.float64)
+        return torch.as_tensor(state.ema_norms, dtype=torch.float64).cpu().clone()
 
     def get_extra_state(self) -> Dict[str, torch.Tensor]:
+        ema = self.ema_norms
+        started = self._state.started
         return {
             "lambdas": self.lambdas,
-            "ema_norms": self.ema_norms,
-            "ema_started": torch.tensor(self._state.ema_norms is not None),
+            "ema_norms": ema,
+            "ema_started": torch.tensor(
+                bool(started) if started is not None else self._state.ema_norms is not None
+            ),
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -87,10 +137,12 @@ class MultiBalance(GramBalancer):
             )
         self._state.lambdas = [float(x) for x in lam]
         self._state.ema_norms = [float(x) for x in ema] if bool(state["ema_started"]) else None
+        self._state.started = None
 
     def coefficient_values(self, g: GramRows) -> List[float]:
         # M x M arithmetic on plain floats (see _State).
         m, state = self.num_tasks, self._state
+        state.floats()
         norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(m)]
         if self.ema:
             if state.ema_norms is None:
@@ -103,7 +155,7 @@ class MultiBalance(GramBalancer):
             scale = [1.0] * m
         gram_v = [[scale[i] * g[i][j] * scale[j] for j in range(m)] for i in range(m)]
         lam = state.lambdas
-        mix = [lj + self.rho / m for lj in lam]  # lam + rho * lam0, lam0 = uniform
+        mix = [lj + self.rho * pj for lj, pj in zip(lam, self.prior)]  # lam + rho * lam0
         d = [sum(gram_v[i][j] * mix[j] for j in range(m)) for i in range(m)]  # V_i . (V mix)
         if self.direction == "cosine":
             mix_norm = math.sqrt(max(sum(mj * dj for mj, dj in zip(mix, d)), 0.0))
@@ -111,4 +163,27 @@ class MultiBalance(GramBalancer):
             d = [di / (vn * mix_norm) if vn * mix_norm > 0 else 0.0 for di, vn in zip(d, v_norms)]
         lam = project_simplex_values([lj - self.beta * dj for lj, dj in zip(lam, d)])
         state.lambdas = lam
-        return [m * lj * sj for lj, sj in zip(lam, scale)]
+        return [self._out_scale * lj * sj for lj, sj in zip(lam, scale)]
+
+    def coefficient_tensor(self, g: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """`coefficient_values` with tensors; the state changes only where ``finite``."""
+        m, state = self.num_tasks, self._state
+        state.tensors(g.device, m)
+        lam, ema, started = state.lambdas, state.ema_norms, state.started
+        norms = g.diagonal().clamp_min(0.0).sqrt()
+        if self.ema:
+            u = torch.where(started, (1 - self.gamma) * ema + self.gamma * norms, norms)
+            scale = torch.where(norms > 0, u / torch.where(norms > 0, norms, 1.0), 0.0)
+            state.ema_norms = torch.where(finite, u, ema)
+            state.started = started | finite
+        else:
+            scale = torch.ones_like(norms)
+        gram_v = scale.unsqueeze(1) * g * scale.unsqueeze(0)
+        mix = lam + self.rho * torch.tensor(self.prior, dtype=g.dtype).to(g.device, non_blocking=True)
+        d = gram_v @ mix
+        if self.direction == "cosine":
+            denom = gram_v.diagonal().clamp_min(0.0).sqrt() * (mix @ d).clamp_min(0.0).sqrt()
+            d = torch.where(denom > 0, d / torch.where(denom > 0, denom, 1.0), 0.0)
+        new = project_simplex_tensor(lam - self.beta * d)
+        state.lambdas = torch.where(finite, new, lam)
+        return self._out_scale * new * scale

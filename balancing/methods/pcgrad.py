@@ -11,15 +11,14 @@ Options: seed=0.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional, Union
 
 import torch
 
 from ..base import GramBalancer
 from ..gram import GramRows
-from ..options import check_int
 from ..registry import register
-from ..rng import step_generator
+from ..rng import SeededState, step_generator
 
 
 def task_orders(num_tasks: int, seed: int, step: int) -> list[list[int]]:
@@ -36,20 +35,23 @@ def task_orders(num_tasks: int, seed: int, step: int) -> list[list[int]]:
     return orders
 
 
-class MixingBalancer(GramBalancer):
+class MixingBalancer(SeededState, GramBalancer):
     """A projection method whose combined gradient is (1ᵀA) g for an M x M mixing matrix A
-    built from the Gram; the last A is kept as rows of floats (`last_mixing` as a tensor)."""
+    built from the Gram; the last A is kept (`last_mixing`). Subclasses build A on floats
+    (`mixing`) and, for the device path, with tensors one projection round at a time
+    (`mixing_tensor`): round k treats, for every task i at once, the k-th task of i's order."""
+
+    device_path = True
 
     def __init__(self, num_tasks: int, seed: int = 0, process_group: Optional[Any] = None) -> None:
         super().__init__(num_tasks, process_group)
-        self.register_buffer("seed", torch.tensor(check_int("seed", seed, low=0), dtype=torch.long))
-        self._seed = int(self.seed)  # read once: a buffer read is a tensor op in the backward pass
-        self._mixing: Optional[List[List[float]]] = None
+        self._init_seed(seed)
+        self._mixing: Optional[Union[List[List[float]], torch.Tensor]] = None
 
     @property
     def last_mixing(self) -> Optional[torch.Tensor]:
-        """The last mixing matrix A [M, M] (float64), None before the first step."""
-        return None if self._mixing is None else torch.tensor(self._mixing, dtype=torch.float64)
+        """The last mixing matrix A [M, M] (float64, on the host), None before the first step."""
+        return None if self._mixing is None else torch.as_tensor(self._mixing, dtype=torch.float64).cpu()
 
     def _orders(self) -> list[list[int]]:
         return task_orders(self.num_tasks, self._seed, self.steps_done)
@@ -59,12 +61,19 @@ class MixingBalancer(GramBalancer):
         self._mixing = mix
         return [sum(row[j] for row in mix) for j in range(self.num_tasks)]
 
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        m = self.num_tasks
+        orders = torch.tensor(self._orders(), dtype=torch.long).reshape(m, m - 1).to(gram.device, non_blocking=True)
+        mix = self.mixing_tensor(gram, orders, finite)
+        self._mixing = mix
+        return mix.sum(dim=0)
+
     def mixing(self, gram: GramRows) -> List[List[float]]:
         raise NotImplementedError
 
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        self._seed = int(self.seed)
+    def mixing_tensor(self, gram: torch.Tensor, orders: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """A [M, M] from the Gram and the task orders [M, M-1] (on the Gram's device)."""
+        raise NotImplementedError
 
 
 @register("pcgrad")
@@ -80,4 +89,16 @@ class PCGrad(MixingBalancer):
                 dot = sum(row[t] * gram[t][j] for t in range(m))  # (A K)_ij = g̃_i · g_j
                 if dot < 0 and gram[j][j] > 0:
                     row[j] -= dot / gram[j][j]
+        return mix
+
+    def mixing_tensor(self, gram: torch.Tensor, orders: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(self.num_tasks, device=gram.device)
+        mix = torch.eye(self.num_tasks, dtype=gram.dtype, device=gram.device)
+        for k in range(self.num_tasks - 1):
+            j = orders[:, k]
+            dot = (mix @ gram)[rows, j]
+            norm_sq = gram[j, j]
+            project = (dot < 0) & (norm_sq > 0)
+            mix = mix.index_put((rows, j), torch.where(project, -dot / torch.where(project, norm_sq, 1.0), 0.0),
+                                accumulate=True)
         return mix

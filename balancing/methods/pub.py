@@ -1,54 +1,36 @@
-"""`pub`: Parameter Update Balancing — balances the optimizer's UPDATES, not the gradients.
+"""`pub`: Parameter Update Balancing (PUB paper, Alg. 1 with Adam) -- balances the optimizer's
+UPDATES of the shared parameters, not their gradients.
 
-For the shared parameters with per-task gradients ``g_t`` (rows of ``grads``, flattened):
-
-1. Per-task Adam updates with the CURRENT moments ``m, v`` held fixed (step ``s = step + 1``)::
-
-       m_t = β1 m + (1-β1) g_t          v_t = β2 v + (1-β2) g_t²
-       u_t = (m_t / (1-β1^s)) / (sqrt(v_t) / sqrt(1-β2^s) + eps)
-
-   (torch.optim.Adam's bias-corrected update, written in the same order of operations.)
-2. Every ``every`` steps (and at the first), weights ``α > 0`` with ``(UᵀU) α = 1/α``
-   (element-wise reciprocal), U = [u_1 … u_M]. As in the reference implementation (the
-   Nash-MTL code base PUB builds on), UᵀU is first divided by its Frobenius norm. The
-   system is the stationarity condition of the strictly convex
-   ``½ αᵀKα − Σ log α_t``, solved by `balancing.nash.nash_task_weights` (damped
-   Newton, dependency-free, bounded iterations ``max_iter``) warm-started from the
-   previous α. The PUB paper solves it with a short concave-convex sequence of convex
-   programs (cvxpy); both target the same fixed point, which is unique because the
-   objective is strictly convex when K is positive definite. If the solve does not
-   converge (e.g. exactly opposite updates, where no solution exists) the previous α is
-   kept and ``failed_solves`` counts it. Tasks whose update is exactly zero get α = 0 and
-   are left out of the solve. Between recomputations α is reused.
-3. Combined update ``Σ α_t u_t`` is returned by `combine` (not lr-scaled: the caller
-   applies ``p -= lr · combined``), and the moments advance with the α-weighted gradient
-   ``g_α = Σ α_t g_t``: ``m = β1 m + (1-β1) g_α``, ``v = β2 v + (1-β2) g_α²``, ``step += 1``.
-
-With one task, α = 1 exactly and the above is Adam. State (``exp_avg``, ``exp_avg_sq``,
-``step``, ``alpha``, ``failed_solves``, ``solves``) is in ``state_dict()``; the moment
-buffers are sized at the first `combine` (or by `reset_state`) and resized on load.
-
-Where it runs: the trainer (trainer/pub.py) feeds it the GLOBAL-batch per-task gradients of
-the shared dense parameters (summed over ranks before it sees them, so every rank computes
-the same α and update). Called directly on representation gradients [M, B, ...] (e.g. at a
-plain BalancePoint) the Gram of U is all-reduced over ``process_group`` as for the other
-methods, but moments over changing batch rows have no meaning there: the trainer never
-does that. ``stats()``: weights = α, grad_norms / cosines of the gradients g_t (not of U).
-Options: every=10, betas=(0.9, 0.999), eps=1e-8, lr=None (None: train.dense_lr),
-normalize=True, max_iter=100, tol=1e-9, ridge=0.0.
+Per step, from the per-task gradients g_t (rows, flattened) and the CURRENT Adam moments:
+u_t = Adam's bias-corrected update of g_t alone; every ``every`` steps α > 0 solving
+(UᵀU) α = 1/α (damped Newton, `balancing.nash.nash_task_weights`; UᵀU divided by its
+Frobenius norm when ``normalize``, as the authors' code does, or not, as the paper writes:
+that only scales α); combined update Σ α_t u_t; the moments advance with g_α = Σ α_t g_t.
+``step="adam"`` (default) rescales α so the update's norm equals Adam's update of the summed
+gradient (PUB changes the direction, not the learning rate); ``step="solved"`` keeps the
+solved scale. With one task this is Adam. The trainer feeds global-batch gradients of the
+shared dense parameters and applies ``p -= lr · combined`` (`PUBStep`). Details,
+choices and what is not implemented: docs/methods.md.
+Options: every=10, betas=(0.9, 0.999), eps=1e-8, lr=None (train.dense_lr), normalize=True,
+step="adam", max_iter=100, tol=1e-9, ridge=0.0.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from ..base import Balancer, plain_sum
 from ..distributed import reduce_gram
 from ..gram import cosines_from_gram, local_gram, norms_from_gram
 from ..nash import nash_task_weights
-from ..options import check_bool, check_float, check_int
+from ..parameter_level import ParameterLevelBalancing
+from ..options import check_bool, check_choice, check_float, check_int
 from ..registry import register
+
+
+STEP_SIZES = ("adam", "solved")
 
 
 def _check_betas(value: object) -> tuple[float, float]:
@@ -73,6 +55,7 @@ class PUB(Balancer):
         eps: float = 1e-8,
         lr: Optional[float] = None,
         normalize: bool = True,
+        step: str = "adam",
         max_iter: int = 100,
         tol: float = 1e-9,
         ridge: float = 0.0,
@@ -84,6 +67,7 @@ class PUB(Balancer):
         self.eps = check_float("eps", eps, low=0.0)
         self.lr = None if lr is None else check_float("lr", lr, low=0.0, low_inclusive=False)
         self.normalize = check_bool("normalize", normalize)
+        self.step_size = check_choice("step", step, STEP_SIZES)
         self.max_iter = check_int("max_iter", max_iter, low=1)
         self.tol = check_float("tol", tol, low=0.0, low_inclusive=False)
         self.ridge = check_float("ridge", ridge, low=0.0)
@@ -94,6 +78,7 @@ class PUB(Balancer):
         self.register_buffer("solves", torch.zeros((), dtype=torch.long))
         self._update_cosines = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
         self._converged = True
+        self._step_scale = 1.0
 
     # ----------------------------------------------------------------- state
     def reset_state(self, numel: int, dtype: torch.dtype = torch.float32, device: Any = None) -> None:
@@ -160,11 +145,17 @@ class PUB(Balancer):
             self.alpha.copy_(self.solve(gram_u).to(self.alpha))
         alpha = self.alpha.to(device=flat.device, dtype=work)
         combined = alpha @ updates
+        if self.step_size == "adam":  # the norm of Adam's update of the summed gradient
+            summed = self.task_updates(flat.sum(dim=0, keepdim=True))[0]
+            norm = float(combined.norm())
+            self._step_scale = float(summed.norm()) / norm if norm > 0 else 1.0
+            alpha = alpha * self._step_scale
+            combined = alpha @ updates
         g_alpha = alpha @ flat
         b1, b2 = self.betas
         self.exp_avg.lerp_(g_alpha.to(self.exp_avg), 1.0 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(g_alpha.to(self.exp_avg_sq), g_alpha.to(self.exp_avg_sq), value=1.0 - b2)
-        self._last.weights = self.alpha.detach().clone()
+        self._last.weights = (self.alpha * self._step_scale).detach().clone()
         self._advance()
         return combined.reshape(grads[0].shape).to(grads[0].dtype)
 
@@ -172,8 +163,48 @@ class PUB(Balancer):
         """PUB's own numbers for the run summary (identical on every rank)."""
         return {
             "alpha": [float(a) for a in self.alpha],
+            "step_scale": self._step_scale,
             "failed_solves": int(self.failed_solves),
             "solves": int(self.solves),
             "last_solve_converged": self._converged,
             "update_cosines": [[float(x) for x in row] for row in self._update_cosines],
         }
+
+
+class PUBStep(ParameterLevelBalancing):
+    """PUB as the optimizer step of the shared dense parameters: the same interface as
+    `ParameterLevelBalancing` (per_task_gradients, apply), but `apply` writes the parameter
+    update itself (the dense optimizer must leave these parameters out)."""
+
+    def __init__(self, shared_params: Iterable[nn.Parameter], balancer: PUB, dense_lr: float,
+                 weight_decay: float = 0.0) -> None:
+        if not isinstance(balancer, PUB):
+            raise ValueError(f"PUBStep needs the 'pub' balancer, got {type(balancer).__name__}")
+        super().__init__(shared_params, balancer)
+        if balancer.lr is None:
+            balancer.lr = dense_lr
+        self.weight_decay = weight_decay
+        first = self.params[0]
+        balancer.reset_state(sum(p.numel() for p in self.params), first.dtype, first.device)
+
+    @property
+    def lr(self) -> float:
+        return float(self.balancer.lr)
+
+    def apply(self, per_task: torch.Tensor) -> None:
+        """``p -= lr · Σ α_t u_t`` for the shared parameters; their .grad is dropped. Weight
+        decay (L2, as Adam's for the other dense parameters) is split evenly over the tasks'
+        gradients, so their sum carries exactly ``weight_decay · p``."""
+        if self.weight_decay:
+            flat = torch.cat([p.detach().reshape(-1) for p in self.params]).to(per_task.dtype)
+            per_task = per_task + (self.weight_decay / per_task.shape[0]) * flat
+        combined = self.balancer.combine(per_task.unsqueeze(1)).reshape(-1)
+        finite = bool(torch.isfinite(combined).all())
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                if finite:
+                    p.add_(combined[offset : offset + n].view_as(p).to(p.dtype), alpha=-self.lr)
+                p.grad = None
+                offset += n

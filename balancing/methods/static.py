@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
 
+import torch
+
 from ..base import Balancer, weighted_sum
 from ..gram import TaskGrad
 from ..options import check_per_task
@@ -14,6 +16,7 @@ class Static(Balancer):
     """Fixed weights (option ``weights``: M finite numbers >= 0; default all ones)."""
 
     supports_pieces = True
+    device_path = True
 
     def __init__(
         self,
@@ -26,7 +29,10 @@ class Static(Balancer):
         self.weights = tuple(w)
 
     def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
-        self._global_gram(grads)  # telemetry only
+        self._telemetry_gram(grads)
         self._last.weights = self.weights
         self._advance()
         return weighted_sum(self.weights, grads)
+
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.weights, dtype=gram.dtype).to(gram.device, non_blocking=True)

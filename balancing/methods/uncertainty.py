@@ -28,6 +28,7 @@ class Uncertainty(Balancer):
     """Learned log-variance weights in `loss()`; combine = sum (see module docstring)."""
 
     supports_pieces = True
+    device_path = True
 
     def __init__(
         self,
@@ -53,7 +54,13 @@ class Uncertainty(Balancer):
         return total.sum() if self.variant == "full" else 0.5 * total.sum()
 
     def _combine(self, grads: Tuple[TaskGrad, ...]) -> TaskGrad:
-        self._global_gram(grads)  # telemetry only
+        self._telemetry_gram(grads)
         self._last.weights = self.loss_multipliers()
         self._advance()
         return plain_sum(grads)
+
+    def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(gram[0])
+
+    def reported_weights(self, coef: torch.Tensor) -> torch.Tensor:
+        return self.loss_multipliers().to(coef.device)

@@ -37,7 +37,7 @@ class ParquetReader:
 
     def __init__(self, root: str | Path, schema: Schema, split: str, local_batch_size: int, rank: int,
                  world_size: int, *, shuffle: bool, seed: int, drop_last: bool, prefetch: int = 2,
-                 id_policy: str = "hash", bad_rows: str = "error") -> None:
+                 id_policy: str = "hash", bad_rows: str = "error", pin_memory: bool = False) -> None:
         _check_args(local_batch_size, rank, world_size, prefetch, id_policy, bad_rows, seed)
         self.root = Path(root)
         self.schema = schema
@@ -51,6 +51,7 @@ class ParquetReader:
         self.prefetch = prefetch
         self.id_policy = id_policy
         self.bad_rows = bad_rows
+        self.pin_memory = pin_memory
         self.index = index_split(self.root, split, schema)
         self.batches_per_epoch: int = batches_per_epoch(
             self.index, local_batch_size, world_size, shuffle=shuffle, drop_last=drop_last)
@@ -74,6 +75,8 @@ class ParquetReader:
         if not isinstance(start_batch, int) or start_batch < 0:
             raise ValueError(f"start_batch must be an integer >= 0, got {start_batch!r}")
         source = self._produce(epoch, start_batch)
+        if self.pin_memory:  # page-locked in the prefetch thread, so the copy to the GPU is asynchronous
+            source = ((batch.pin_memory(), real, skipped) for batch, real, skipped in source)
         return _EpochIterator(self, PrefetchIterator(source, self.prefetch) if self.prefetch > 0 else source)
 
     # ---- producer side (runs in the prefetch thread) -----------------------------------

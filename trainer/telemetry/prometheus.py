@@ -166,6 +166,10 @@ class PrometheusSink(NullSink):
             f"{p}_task_grad_cosine", "Cosine between two tasks' gradients at the balance point (task_a before task_b).",
             ["task_a", "task_b"], registry=r,
         )
+        self.gpu_memory = Gauge(
+            f"{p}_gpu_memory_bytes", "Rank 0's GPU memory: allocated, reserved (caching allocator), peak "
+            "allocated since the previous progress point. Absent on CPU.", ["kind"], registry=r,
+        )
         self.eval_step = Gauge(f"{p}_eval_step", "Training step of the latest evaluation.", ["split"], registry=r)
         self.step_seconds = Histogram(
             f"{p}_step_seconds", "Wall time of one training step (rank 0; steps are synchronous).",
@@ -256,6 +260,8 @@ class PrometheusSink(NullSink):
         for a, row in enumerate(progress.cosines):
             for b in range(a + 1, min(len(row), len(names))):
                 self.cosine.labels(names[a], names[b]).set(row[b])
+        for kind, value in (progress.gpu_memory or {}).items():
+            self.gpu_memory.labels(kind).set(value)
 
     def on_eval(self, evaluation: Evaluation) -> None:
         if not self.exporting:

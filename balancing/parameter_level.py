@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balancing import Balancer
+from .base import Balancer
 
 
 def own_rank_group() -> object | None:
@@ -30,6 +30,9 @@ def own_rank_group() -> object | None:
 
 
 class ParameterLevelBalancing:
+    """The same balancer objects on the flattened gradients of ``shared_params`` (global
+    batch), after the ordinary backward (see the module docstring)."""
+
     def __init__(self, shared_params: Iterable[nn.Parameter], balancer: Balancer) -> None:
         self.params = [p for p in shared_params if p.requires_grad]
         self.balancer = balancer
