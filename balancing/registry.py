@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
+
+import torch.distributed as dist
 
 from .base import Balancer
 
@@ -28,11 +30,16 @@ def available_methods() -> List[str]:
     return sorted(_METHODS)
 
 
+INTERNAL_ARGUMENTS = ("process_group",)
+"""Constructor arguments the caller (the trainer) sets, never options of a method."""
+
+
 def method_options(name: str) -> List[str]:
-    """Option names accepted by method ``name`` (keyword arguments of its constructor)."""
+    """Option names accepted by method ``name`` (keyword arguments of its constructor, less
+    the internal ``process_group``)."""
     cls = _lookup(name)
     params = inspect.signature(cls.__init__).parameters
-    return [p for p in params if p not in ("self", "num_tasks")]
+    return [p for p in params if p not in ("self", "num_tasks", *INTERNAL_ARGUMENTS)]
 
 
 def _lookup(name: str) -> Type[Balancer]:
@@ -43,14 +50,24 @@ def _lookup(name: str) -> Type[Balancer]:
     return _METHODS[name]
 
 
-def make_balancer(name: str, num_tasks: int, **options: Any) -> Balancer:
-    """Build the balancer ``name`` for ``num_tasks`` tasks; unknown names/options raise ValueError."""
+def make_balancer(name: str, num_tasks: int, *, process_group: Optional[Any] = None, **options: Any) -> Balancer:
+    """Build the balancer ``name`` for ``num_tasks`` tasks; unknown names/options raise ValueError.
+
+    ``process_group`` (a torch.distributed ProcessGroup; None: the default group) is where the
+    balance statistics are reduced: the trainer's choice, refused as a user option."""
     cls = _lookup(name)
     allowed = method_options(name)
     for key in options:
         if key not in allowed:
             raise ValueError(
                 f"balance option {key!r} is not valid for balance.method={name!r}; "
-                f"allowed options: {', '.join(allowed)}"
+                f"allowed options: {', '.join(allowed) or '(none)'}"
             )
-    return cls(num_tasks, **options)
+    if process_group is None:
+        return cls(num_tasks, **options)
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(
+            f"balance option 'process_group' is not valid for balance.method={name!r}: the trainer sets it, "
+            f"it is not an option; allowed options: {', '.join(allowed) or '(none)'}"
+        )
+    return cls(num_tasks, process_group=process_group, **options)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from balancing import BalancePoint, Balancer, available_methods, make_balancer
+from balancing import BalancePoint, Balancer, available_methods, make_balancer, method_options
 from tests.state_util import flat_tensors
 
 
@@ -156,6 +156,13 @@ def test_unknown_option_names_option_and_allowed():
         make_balancer("multibalance", 2, betta=0.5)
     msg = str(err.value)
     assert "'betta'" in msg and "beta" in msg and "rho" in msg and "direction" in msg
+
+
+def test_process_group_is_neither_offered_nor_accepted_as_an_option():
+    assert all("process_group" not in method_options(name) for name in available_methods())
+    with pytest.raises(ValueError) as err:
+        make_balancer("mgda", 2, process_group="x")
+    assert "'process_group'" in str(err.value) and "the trainer sets it" in str(err.value)
 
 
 @pytest.mark.parametrize("name,opts,needle", [

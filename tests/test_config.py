@@ -75,3 +75,21 @@ def test_bad_override(tmp_path):
         load_config(None, ["train.steps"])
     with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
         load_config(None, ["train.stepz=3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=inf", "train.epochs"),
+    ("train.dense_lr=inf", "train.dense_lr"),
+    ("train.embedding_lr=nan", "train.embedding_lr"),
+    ("balance.options.beta=-inf", "balance.options.beta"),
+    ("balance.options.weights=[1.0, nan]", "balance.options.weights[1]"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"config key '{key}':" in str(err.value) and "expected a finite number" in str(err.value)
+
+
+def test_process_group_is_not_a_user_option():
+    with pytest.raises(ConfigError, match="config key 'balance.options.process_group' is not allowed"):
+        load_config(None, ['balance.options.process_group="x"'])

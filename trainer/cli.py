@@ -10,6 +10,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from trainer.bench.cli import add_bench_commands, run_bench_command
+from trainer.checkpoint import CheckpointRefusedError
 from trainer.config import ConfigError, load_config
 from trainer.data.cli import add_data_commands, run_data_command
 from trainer.data.errors import DataError
@@ -26,6 +27,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-restarts", type=int, default=0,
                    help="restart all local ranks this often after a failure; each restart resumes "
                         "from the newest checkpoint")
+    p.add_argument("--fresh", action="store_true",
+                   help="start at step 0 even if the output directory holds checkpoints (same as --set "
+                        "checkpoint.resume=false); they are moved to CHECKPOINT_DIR/previous-<time>/, never deleted")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +46,7 @@ def train(args: argparse.Namespace) -> int:
     from trainer.report import format_summary
     from trainer.worker import run_worker, under_launcher
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["checkpoint.resume=false"] if args.fresh else [])])
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node: {args.nproc_per_node} is not allowed; expected an integer >= 1")
     if under_launcher():
@@ -72,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as err:
         print(f"recbalance: error: {root_cause(err)}", file=sys.stderr)
         return 1
+    except CheckpointRefusedError as err:  # raised in this process when it is one rank under torchrun
+        print(f"recbalance: error: {err}", file=sys.stderr)
+        return 1
     except SignalException as stop:
         print(f"recbalance: stopped by signal {stop.sigval.name}; the ranks checkpoint before exiting, "
               "rerun the same command to resume", file=sys.stderr)
@@ -79,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def root_cause(err: ChildFailedError) -> str:
-    """The failing rank's exception line, not the launcher's wall of tracebacks."""
+    """The first failing rank's whole error message, once (the launcher's wall of tracebacks
+    is not shown; see trainer/launcher.py)."""
     rank, failure = err.get_first_failure()
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
-    lines = [line for line in str(message).strip().splitlines() if line.strip()]
-    return f"rank {rank} failed: {lines[-1] if lines else f'exit code {failure.exitcode}'}"
+    text = str(message).strip()
+    return f"rank {rank} failed: {text or f'exit code {failure.exitcode}'}"
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ fails fast with the key's name and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from balancing.registry import INTERNAL_ARGUMENTS
 from models.config import ModelConfig
 
 
@@ -117,6 +119,18 @@ def _describe(tp: Any) -> str:
     return f"a {getattr(tp, '__name__', tp)}"
 
 
+def _finite(key: str, value: Any) -> Any:
+    """`value`, refused when it is (or, in a table or list, holds) a float that is not finite:
+    TOML accepts inf and nan, which train nothing but NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': {value} is not allowed; expected a finite number")
+    if isinstance(value, dict):
+        return {k: _finite(f"{key}.{k}", v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    return value
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key '{key}': {value!r} is not allowed; expected {_describe(tp)}")
@@ -132,7 +146,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
-        return dict(value)
+        return _finite(key, dict(value))
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -144,7 +158,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        return _finite(key, float(value))
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -199,6 +213,12 @@ def _check_ranges(cfg: Config) -> None:
         if not layers or any(width < 1 for width in layers):
             raise ConfigError(f"config key '{key}': {layers} is not allowed; expected a non-empty list of positive widths")
     _check_metrics(cfg.metrics)
+    for name in INTERNAL_ARGUMENTS:
+        if name in cfg.balance.options:
+            raise ConfigError(
+                f"config key 'balance.options.{name}' is not allowed: the trainer sets the {name} itself; "
+                "balance.options holds the method's own options"
+            )
 
 
 def _check_metrics(metrics: MetricsConfig) -> None:

@@ -3,6 +3,7 @@ torchx's dist.ddp), so `recbalance train --nproc-per-node N` and a torchx job ru
 worker code."""
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -12,8 +13,15 @@ from trainer.distributed import free_port
 from trainer.worker import run_worker
 
 
+# Loggers that print a failed rank's traceback, wrapped in the launcher's own, line by line;
+# the CLI reports the rank's error message instead (trainer.cli.root_cause).
+_TRACEBACK_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
+
+
 def launch_local(config: dict[str, Any], output_dir: str, nproc_per_node: int, max_restarts: int = 0) -> dict[str, Any]:
     """Run `run_worker` on nproc_per_node local processes; returns rank 0's summary."""
+    for name in _TRACEBACK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

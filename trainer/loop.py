@@ -18,7 +18,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import Balancer, make_balancer
 from trainer.build import build_balancer, build_model
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, CheckpointMismatchError
 from trainer.guard import NonFiniteGuard, NonFiniteLimitError
 from trainer.config import Config, ConfigError
 from trainer.data.batch import Batch
@@ -32,6 +32,7 @@ from trainer.metrics import TaskMetrics, Throughput, global_mean, gpu_memory
 from balancing.parameter_level import ParameterLevelBalancing, own_rank_group
 from balancing.methods.pub import PUBStep
 from trainer.progress import ConsoleProgress
+from trainer.report import write_json
 from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
 
 log = logging.getLogger("recbalance")
@@ -120,8 +121,8 @@ class Trainer:
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else output_dir / "checkpoints", cfg.checkpoint.keep
         )
         self.resumed_from: int | None = None
-        if cfg.checkpoint.resume:
-            self.resume()
+        self.eval_skipped_rows: dict[str, int] = {}  # split -> bad rows its last evaluation skipped
+        self.resume()
 
     def _build_model(self) -> Any:
         """The model. Methods that act on the shared dense parameters (PUB, and any method at
@@ -166,6 +167,15 @@ class Trainer:
         self.train_metrics.ne.load_state_dict(state[f"rank{self.env.rank}"]["train_ne"])
 
     def resume(self) -> None:
+        """Continue from the newest checkpoint; with `checkpoint.resume = false` (--fresh),
+        move the existing ones aside and start at step 0. A checkpoint that does not fit the
+        config, or whose step is beyond this config's last one, stops the run untouched."""
+        if not self.cfg.checkpoint.resume:
+            moved = self.checkpoints.set_aside_all()
+            if moved and self.env.is_main:
+                print(f"recbalance: starting at step 0 (checkpoint.resume = false); the existing checkpoints "
+                      f"were moved to {moved}", flush=True)
+            return
         if not self.checkpoints.complete_checkpoints():
             return
         # Adam's state is created lazily; make it exist so the checkpoint loads in place.
@@ -176,12 +186,33 @@ class Trainer:
             p.grad = None  # DDP re-creates its bucket views on the next backward
         state = self.state_dict()
         step = self.checkpoints.load_latest(state)
-        if step is not None:
-            self.load_state_dict(state)
-            self.resumed_from = step
-            if self.env.is_main:
-                print(f"resumed from {self.checkpoints.directory}/step-{step:09d} "
-                      f"(step {self.step}, {self.examples_seen} examples seen)", flush=True)
+        if step is None:
+            return
+        self.load_state_dict(state)
+        self.resumed_from = step
+        path = self.checkpoints.directory / f"step-{step:09d}"
+        if self.step > self.total_steps:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} is at step {self.step}, beyond the {self.total_steps} steps this config trains "
+                f"(train.steps = {self.cfg.train.steps}, train.epochs = {self.cfg.train.epochs:g}): the run in "
+                f"{self.output_dir} was trained further than asked, and its files are left as they are. To train "
+                f"{self.total_steps} steps, use a new --output-dir or --fresh; to see that run, read its summary.json."
+            )
+        if self.env.is_main:
+            print(f"resumed from {path} (step {self.step}, {self.examples_seen} examples seen)", flush=True)
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """Collective: when the run resumed at its last step and rank 0 finds its summary.json,
+        that summary (on rank 0; an empty dict elsewhere), the files left untouched; else None."""
+        path = self.output_dir / "summary.json"
+        done = self.resumed_from is not None and self.step >= self.total_steps and self.env.is_main and path.is_file()
+        if not all_reduce_sum(torch.tensor([int(done)]))[0]:
+            return None
+        if not self.env.is_main:
+            return {}
+        print(f"recbalance: the run in {self.output_dir} is complete (step {self.step} of {self.total_steps}); "
+              "nothing was trained, and its summary.json and history.json are left as they are", flush=True)
+        return json.loads(path.read_text())
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoints.save(self.step, self.state_dict())
@@ -331,7 +362,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, dict[str, float]]:
         """NE, AUC and loss per task (and GAUC by user when the schema names a user id) over
-        every row of `split`, all ranks together."""
+        every row of `split`, all ranks together; bad rows it skipped are counted."""
         reader = self._reader(split, self.eval_local_batch, shuffle=False, drop_last=False)
         rows = reader.batches_per_epoch * self.cfg.data.eval_batch_size
         metrics = TaskMetrics(
@@ -347,15 +378,21 @@ class Trainer:
             if gauc is not None:
                 gauc.update(batch.user_ids, torch.sigmoid(logits), batch.labels, batch.weights)
         results = metrics.compute()
+        self.eval_skipped_rows[split] = int(all_reduce_sum(torch.tensor([reader.skipped_rows]))[0])
         if gauc is not None:
             for task, value in gauc.compute().items():
                 results[task]["gauc"] = value
         return results
 
     def summary(self, evaluation: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """summary.json's content. Numbers that are not finite become null when written;
+        `qps_note` then says why the QPS is missing."""
         speed = self.throughput.compute()
         stats = self.balancer.stats()
         weights = stats.get("weights")
+        trained = self.step - (self.resumed_from or 0)
+        qps_note = {} if math.isfinite(speed["qps"]) else {
+            "qps_note": f"not measured: this process trained {trained} step(s), too few to pass the QPS warm-up"}
         return {
             "method": self.cfg.balance.method,
             "level": self.cfg.balance.level,
@@ -365,7 +402,8 @@ class Trainer:
             "steps": self.step,
             "examples_seen": self.examples_seen,
             "qps": speed["qps"],
-            "train_seconds": self.train_seconds,
+            **qps_note,
+            "train_seconds": self.train_seconds if trained else math.nan,
             "eval_split": self.cfg.data.eval_split,
             "tasks": {
                 t: {k: v for k, v in evaluation[t].items() if k in ("ne", "auc", "loss", "gauc")} for t in self.tasks
@@ -373,24 +411,31 @@ class Trainer:
             "weights": None if weights is None else dict(zip(self.tasks, (float(w) for w in weights))),
             "balance_extra": self.balancer.extra_stats() if hasattr(self.balancer, "extra_stats") else None,
             "sharding": sharding_plan_summary(self.model),
-            "skipped_rows": int(all_reduce_sum(torch.tensor([self.train_reader.skipped_rows]))[0]),
+            "skipped_rows": {
+                "train": int(all_reduce_sum(torch.tensor([self.train_reader.skipped_rows]))[0]),
+                **self.eval_skipped_rows,
+            },
             "nonfinite_steps": self.nonfinite_total,
             "resumed_from_step": self.resumed_from,
         }
 
     def run(self) -> dict[str, Any]:
+        """Train to the last step, checkpoint, evaluate and write summary.json, history.json
+        and config.json (strict JSON). A run resumed at its last step without a summary
+        (stopped while evaluating) only evaluates."""
         summary = None
         try:
             self.fit()
-            self.save_checkpoint()  # a retried job that already finished only re-evaluates
+            if self.step != self.resumed_from:
+                self.save_checkpoint()
             evaluation = self.evaluate(self.cfg.data.eval_split)
             self._report_eval(evaluation, self.cfg.data.eval_split)
             summary = self.summary(evaluation)
             if self.env.is_main:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-                (self.output_dir / "history.json").write_text(json.dumps(self.history.points, indent=1) + "\n")
-                (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+                write_json(self.output_dir / "summary.json", summary, indent=2)
+                write_json(self.output_dir / "history.json", self.history.points, indent=1)
+                write_json(self.output_dir / "config.json", self.cfg.to_dict(), indent=2)
             return summary
         finally:
             for sink in self.sinks:

@@ -1,13 +1,54 @@
-"""The end-of-run table a person reads."""
+"""The end-of-run table a person reads, and the strict JSON the run's files are written in."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, +-inf) replaced by None, in nested
+    dicts, lists and tuples: JSON has no such numbers, and a bare NaN breaks strict parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any, indent: int = 2) -> None:
+    """Write `value` as strict JSON (RFC 8259): non-finite numbers become null."""
+    path.write_text(json.dumps(finite_or_none(value), indent=indent, allow_nan=False) + "\n")
 
 
 def _run_files(output_dir: Path) -> list[str]:
     known = ("summary.json", "history.json", "config.json", "training.png", "checkpoints")
     return [name for name in known if (output_dir / name).exists()]
+
+
+def _number(value: float | None, spec: str, width: int = 8) -> str:
+    """A metric for the table; '-' where it is missing (null in summary.json, or NaN)."""
+    if value is None or not math.isfinite(value):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{spec}}"
+
+
+def _skipped_line(skipped: Any) -> list[str]:
+    """Bad rows left out (data.bad_rows = "skip"), per split; nothing when there were none."""
+    if not isinstance(skipped, dict) or not any(skipped.values()):
+        return []
+    counts = ", ".join(f"{split} {n:,}" for split, n in skipped.items())
+    return ["", f"bad rows skipped (data.bad_rows = \"skip\"), left out of training and of the metrics: {counts}"]
+
+
+def _qps_line(summary: dict[str, Any]) -> str:
+    qps = summary.get("qps")
+    if qps is None or not math.isfinite(qps):
+        return f"QPS (training examples/s): {summary.get('qps_note', 'not measured')}"
+    return f"QPS (training examples/s, all ranks, after warm-up): {qps:,.0f}"
 
 
 def format_summary(summary: dict[str, Any], output_dir: Path) -> str:
@@ -22,12 +63,13 @@ def format_summary(summary: dict[str, Any], output_dir: Path) -> str:
         f"{'task':<{width}}  {header}   ({summary['eval_split']} split)",
     ]
     for task, m in tasks.items():
-        lines.append(f"{task:<{width}}  " + "  ".join(f"{m[c]:>8.4f}" for c in columns))
+        lines.append(f"{task:<{width}}  " + "  ".join(_number(m[c], ".4f") for c in columns))
     if summary.get("weights"):
         lines += ["", "final task weights: " + ", ".join(f"{t}={w:.3f}" for t, w in summary["weights"].items())]
+    lines += _skipped_line(summary.get("skipped_rows"))
     lines += [
         "",
-        f"QPS (training examples/s, all ranks, after warm-up): {summary['qps']:,.0f}",
+        _qps_line(summary),
         f"run files: {output_dir.resolve()}  ({', '.join(_run_files(output_dir))})",
     ]
     return "\n".join(lines)

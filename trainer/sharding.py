@@ -18,6 +18,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from trainer.data.errors import DataError
 from trainer.distributed import DistEnv, sum_allreduce_hook
 
 SHARDING_TYPES = {
@@ -60,6 +61,29 @@ def embedding_tables(model: nn.Module) -> list[Any]:
         if hasattr(module, "embedding_bag_configs")
         for table in module.embedding_bag_configs()
     ]
+
+
+def check_tables_fit(tables: list[Any], local_ranks: int, available_bytes: int, schema_file: str) -> None:
+    """Every local rank builds the whole model, each embedding table in float32, before
+    TorchRec shards it; raise a DataError naming the largest tables and the memory they need
+    when `local_ranks` copies do not fit into `available_bytes`."""
+    sizes = sorted(((t.num_embeddings * t.embedding_dim * 4, t) for t in tables), key=lambda item: -item[0])
+    need = local_ranks * sum(size for size, _ in sizes)
+    if need <= available_bytes:
+        return
+    largest = "; ".join(f"'{t.name}': {t.num_embeddings:,} rows x {t.embedding_dim} dims = {_memory(size)}"
+                        for size, t in sizes[:3])
+    raise DataError(
+        f"{schema_file}: the embedding tables need {_memory(need)} ({local_ranks} local rank(s) each build every "
+        f"table in float32 before sharding), but this machine has {_memory(available_bytes)} available. Largest "
+        f"tables: {largest}. Lower num_embeddings in the schema (ids beyond a table fold into it with "
+        "data.id_policy = \"hash\"), or run fewer ranks per machine.",
+        file=schema_file,
+    )
+
+
+def _memory(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB ({size:,} bytes)"
 
 
 def shard_model(

@@ -42,6 +42,7 @@ def stop_with_launcher() -> None:
 
 
 def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """One rank's whole run; returns the run's summary (rank 0's is the one reported)."""
     stop_with_launcher()
     quiet_libraries()
     keep_freed_memory()
@@ -53,7 +54,12 @@ def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
 
     # No try/finally: after an error a peer may sit in a collective forever, so the shutdown
     # barrier would hang; raising ends this process and the launcher stops the others.
-    trainer = Trainer(cfg, env, Path(output_dir), sinks=make_sinks(cfg, env, Path(output_dir)))
+    trainer = Trainer(cfg, env, Path(output_dir))
+    finished = trainer.finished_summary()
+    if finished is not None:  # a rerun of a complete run: report it, start no exporter, write nothing
+        shutdown_distributed()
+        return finished
+    trainer.sinks.extend(make_sinks(cfg, env, Path(output_dir)))
     # Kubernetes preemption and torchrun's shutdown send SIGTERM: checkpoint, then stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
     try:

@@ -40,7 +40,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     ql.add_argument("--max-restarts", type=int, default=0, help="restarts per training after a failure")
     ql.add_argument("--output-dir", required=True,
                     help="quality.json/.md/.png; every training in OUTPUT_DIR/cells/VARIANT/seed-K (reused on rerun)")
-    c = bsub.add_parser("compare", help="QPS-regression gate: exit 1 when the candidate is slower beyond --max-drop")
+    c = bsub.add_parser("compare", help="QPS-regression gate: exit 1 when the candidate is slower beyond --max-drop, "
+                                        "2 when an input is missing or malformed")
     c.add_argument("--baseline", required=True)
     c.add_argument("--candidate", required=True)
     c.add_argument("--max-drop", type=float, required=True, help="allowed QPS drop in percent")
@@ -66,13 +67,24 @@ def _variants(args: argparse.Namespace):
     return variants
 
 
+def _report(path: str, flag: str) -> object:
+    """The JSON in `path`; a missing, unreadable or malformed file raises ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag} {path}: cannot read a JSON report ({type(err).__name__}: {err})") from None
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     from trainer.bench.qps import compare, format_table, measure, write_report
 
     if args.bench_command == "compare":
-        baseline = json.loads(Path(args.baseline).read_text())
-        candidate = json.loads(Path(args.candidate).read_text())
-        rows, ok = compare(baseline, candidate, args.max_drop)
+        try:
+            rows, ok = compare(_report(args.baseline, "--baseline"), _report(args.candidate, "--candidate"),
+                               args.max_drop)
+        except ValueError as err:  # bad input: exit 2, distinct from the gate's 1 for a QPS drop
+            print(f"recbalance: error: bench compare: {err}", file=sys.stderr)
+            return 2
         print(f"{'method':<14} {'level':<15} {'baseline':>10} {'candidate':>10} {'drop':>8}")
         for r in rows:
             flag = "  FAIL" if r["failed"] else ""

@@ -5,6 +5,7 @@ excluded; only the training step is timed (data loading is not)."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -153,11 +154,26 @@ def plot(rows: list[QpsRow], path: Path) -> None:
     plt.close(fig)
 
 
+def qps_rows(report: Any, name: str) -> list[dict[str, Any]]:
+    """The rows of a qps.json report, each with a method, a level and a positive finite QPS;
+    raises ValueError naming `name` and what is wrong."""
+    rows = report.get("rows") if isinstance(report, dict) else None
+    if not isinstance(rows, list):
+        raise ValueError(f"{name}: not a `recbalance bench qps` report (no list of rows)")
+    for i, r in enumerate(rows):
+        ok = isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("level"), str)
+        qps = r.get("qps") if ok else None
+        if not (isinstance(qps, (int, float)) and not isinstance(qps, bool) and math.isfinite(qps) and qps > 0):
+            got = f"qps {qps!r}" if ok else "no method and level" if isinstance(r, dict) else f"a {type(r).__name__}"
+            raise ValueError(f"{name}: row {i} needs a method, a level and a positive qps; it has {got}")
+    return rows
+
+
 def compare(baseline: dict[str, Any], candidate: dict[str, Any], max_drop_pct: float) -> tuple[list[dict[str, Any]], bool]:
     """Match rows by (method, level); a row fails when its QPS dropped by more than max_drop_pct."""
-    base = {(r["method"], r["level"]): r for r in baseline["rows"]}
+    base = {(r["method"], r["level"]): r for r in qps_rows(baseline, "baseline")}
     out, ok = [], True
-    for r in candidate["rows"]:
+    for r in qps_rows(candidate, "candidate"):
         key = (r["method"], r["level"])
         if key not in base:
             continue

@@ -78,7 +78,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--no-shuffle", action="store_true", help="keep training rows in file order")
     _row_groups(p)
 
-    p = sub.add_parser("check", help="read every split of a dataset and report bad rows")
+    p = sub.add_parser("check", help="read every split of a dataset and report bad rows (exit code 1 when it "
+                                     "finds any, 2 when a file cannot be read)")
     p.add_argument("dataset", type=Path)
     p.add_argument("--bad-rows", choices=["error", "skip"], default="skip")
     p.add_argument("--id-policy", choices=["hash", "error"], default="error")
@@ -116,7 +117,10 @@ def run_data_command(args: argparse.Namespace) -> int:
             from .convert import convert_csv
             print(convert_csv(spec_from_args(args), args.output).summary())
         elif args.data_command == "check":
-            print(_check(args))
+            report, bad = _check(args)
+            print(report)
+            if bad:
+                return 1
         else:
             raise DataError(f"unknown data command {args.data_command!r}")
     except (DataError, ValueError) as e:
@@ -173,11 +177,14 @@ def spec_from_args(args: argparse.Namespace):  # noqa: ANN201 - ConvertSpec, imp
         shuffle_train=not args.no_shuffle)
 
 
-def _check(args: argparse.Namespace) -> str:
+def _check(args: argparse.Namespace) -> tuple[str, int]:
+    """Read every split; returns the report and the number of bad rows found (exit code 1 when
+    there are any, so a pipeline can gate on it)."""
     from .reader import ParquetReader
     from .schema import Schema
     schema = Schema.load(args.dataset)
     parts = []
+    bad = 0
     for split in ("train", "valid", "test"):
         if not (args.dataset / split).is_dir():
             continue
@@ -187,4 +194,5 @@ def _check(args: argparse.Namespace) -> str:
             pass
         parts.append(f"{split}: {reader.rows_read:,} rows in {len(reader.index.units)} row groups, "
                      f"{reader.skipped_rows:,} bad")
-    return f"Checked {args.dataset}: " + "; ".join(parts) + "."
+        bad += reader.skipped_rows
+    return f"Checked {args.dataset}: " + "; ".join(parts) + "." + (f" Found {bad:,} bad row(s)." if bad else ""), bad
