@@ -199,7 +199,7 @@ def sharded_run(config: dict):
     for _ in range(STEPS):
         result = trainer.train_step(next(trainer.stream))
         losses.append(global_mean(result.losses).tolist())
-        alphas.append(trainer.balancer.stats()["weights"].tolist())
+        alphas.append(trainer.balancer.stats()["weights"].tolist() + trainer.balancer.alpha.tolist())
         shared.append(torch.cat([p.detach().reshape(-1) for p in trainer.param_level.params]).tolist())
     keys = [k for k in trainer.model.state_dict() if "parameter_balancer" in k]
     shutdown_distributed()
@@ -230,7 +230,7 @@ def reference_run(config: dict):
         for opt in opts:
             opt.step()
         losses.append(step_losses.tolist())
-        alphas.append(pub.balancer.stats()["weights"].tolist())
+        alphas.append(pub.balancer.stats()["weights"].tolist() + pub.balancer.alpha.tolist())
         shared.append(torch.cat([p.detach().reshape(-1) for p in pub.params]).tolist())
     return losses, alphas, shared
 
@@ -247,8 +247,9 @@ def test_two_ranks_agree_and_match_one_process(tiny_dataset):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(exp_losses), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(alphas), torch.tensor(exp_alphas), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(exp_shared), rtol=1e-5, atol=1e-6)
-    assert exp_alphas[0] != exp_alphas[2]  # recomputed at step 3 (every = 2)
-    assert exp_alphas[2] == exp_alphas[3] and alphas[2] == alphas[3]  # reused between
+    # each row: the effective weights (α times the step scale), then the solved α
+    assert exp_alphas[0][2:] != exp_alphas[2][2:]  # recomputed at step 3 (every = 2)
+    assert exp_alphas[2][2:] == exp_alphas[3][2:] and alphas[2][2:] == alphas[3][2:]  # reused between
 
 
 def test_cli_trains_from_census_pub_config(tiny_dataset, tmp_path):
