@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -56,6 +56,11 @@ class Balancer(nn.Module):
     #: True when the method implements `coefficient_tensor` (its combination is linear in the
     #: task gradients and its solver runs on the device); others read the Gram on the host.
     device_path: bool = False
+    #: where the method can act: "representation" (in the balance point) and/or "parameters"
+    #: (on the shared dense parameters' gradients, `parameter_step`)
+    levels: ClassVar[Tuple[str, ...]] = ("representation", "parameters")
+    #: a task side the method needs instead of the configured one (a name `models` knows)
+    task_side: ClassVar[Optional[str]] = None
 
     def __init__(self, num_tasks: int, process_group: Optional[Any] = None) -> None:
         super().__init__()
@@ -92,6 +97,16 @@ class Balancer(nn.Module):
         """True when `bind_tasks` must be given the training label rates (read from the data,
         which costs a pass over the label columns, so only methods that need them ask)."""
         return False
+
+    @classmethod
+    def parameter_step(cls, shared_params: Iterable[nn.Parameter], balancer: "Balancer", lr: float,
+                       weight_decay: float) -> Any:
+        """The parameter level's step for this method: the balancer on the shared dense
+        parameters' per-task gradients (`ParameterLevelBalancing`; a method that computes the
+        update itself, like PUB, returns its own)."""
+        from .parameter_level import ParameterLevelBalancing  # it builds on this module
+
+        return ParameterLevelBalancing(shared_params, balancer)
 
     def bind_tasks(self, info: TaskInfo) -> None:
         """Called once by the model builder, before training, with the data set's tasks:

@@ -33,6 +33,10 @@ class ParameterLevelBalancing:
     """The same balancer objects on the flattened gradients of ``shared_params`` (global
     batch), after the ordinary backward (see the module docstring)."""
 
+    #: True when `apply` updates the parameters itself (the optimizer must leave them out);
+    #: False: it writes their gradients and the optimizer steps as usual
+    owns_update = False
+
     def __init__(self, shared_params: Iterable[nn.Parameter], balancer: Balancer) -> None:
         self.params = [p for p in shared_params if p.requires_grad]
         self.balancer = balancer

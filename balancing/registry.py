@@ -37,12 +37,13 @@ INTERNAL_ARGUMENTS = ("process_group",)
 def method_options(name: str) -> List[str]:
     """Option names accepted by method ``name`` (keyword arguments of its constructor, less
     the internal ``process_group``)."""
-    cls = _lookup(name)
+    cls = method_class(name)
     params = inspect.signature(cls.__init__).parameters
     return [p for p in params if p not in ("self", "num_tasks", *INTERNAL_ARGUMENTS)]
 
 
-def _lookup(name: str) -> Type[Balancer]:
+def method_class(name: str) -> Type[Balancer]:
+    """The class registered as ``name`` (its declarations: levels, task side, ...)."""
     if name not in _METHODS:
         raise ValueError(
             f"balance.method={name!r} is not a known method; allowed: {', '.join(available_methods())}"
@@ -55,7 +56,7 @@ def make_balancer(name: str, num_tasks: int, *, process_group: Optional[Any] = N
 
     ``process_group`` (a torch.distributed ProcessGroup; None: the default group) is where the
     balance statistics are reduced: the trainer's choice, refused as a user option."""
-    cls = _lookup(name)
+    cls = method_class(name)
     allowed = method_options(name)
     for key in options:
         if key not in allowed:

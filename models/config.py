@@ -27,3 +27,5 @@ class ModelConfig:
     tower_layers: list[int] = field(default_factory=lambda: [32])
     task_experts: int = 1
     ple_layers: int = 1
+    # DRGrad's split-MMoE: PPNet gate on the shared input where the schema names personal features
+    personal_gate: bool = True

@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from balancing import Balancer, DRGrad, DRGradPoint
 from models.heads import Experts, Tower, gate_mix
 from models.config import ModelConfig
-from models.ranker import MultiTaskRanker
+from models.ranker import MultiTaskRanker, register_task_side
 
 
 def feature_slices(tables: list[EmbeddingBagConfig], feature_names: list[str]) -> dict[str, tuple[int, int]]:
@@ -60,10 +60,13 @@ class SplitMMoEHeads(nn.Module):
         yield from self.gate_shared.parameters()
 
 
+@register_task_side("split_mmoe", base_kind="mmoe")
 class DRGradRanker(MultiTaskRanker):
     """`MultiTaskRanker` with the split-MMoE task side and DRGrad's balance point (module
     docstring); the same interface (``forward -> logits [M, B]``, ``balancer``,
     ``balance_point``, ``shared_dense_parameters()``)."""
+
+    uses_personal_features = True
 
     def __init__(
         self,
@@ -78,14 +81,14 @@ class DRGradRanker(MultiTaskRanker):
         if not isinstance(balancer, DRGrad):
             raise ValueError(f"DRGradRanker needs the 'drgrad' balancer, got {type(balancer).__name__}")
         if balancer.primary_index is None:
-            raise ValueError("DRGradRanker: resolve the primary task (DRGrad.resolve_primary) first")
+            raise ValueError("DRGradRanker: bind the balancer to the data set's tasks (Balancer.bind_tasks) first")
         super().__init__(tables, num_dense, num_tasks, spec, balancer, device)
         self.primary = balancer.primary_index
         self.slices = feature_slices(tables, self.sparse_arch.feature_names)
         unknown = [f for f in personal_features if f not in self.slices]
         if unknown:
             raise ValueError(f"personal feature(s) {unknown} are not sparse features of the data set")
-        self.personal_features = list(personal_features)
+        self.personal_features = list(personal_features) if spec.personal_gate else []
         self.ppnet: nn.Linear | None = None
         if self.personal_features:
             width = sum(hi - lo for lo, hi in (self.slices[f] for f in self.personal_features))

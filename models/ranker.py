@@ -2,7 +2,7 @@
 tensors -> balance point -> one head per task."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from models.heads import MMoEHeads, PLEHeads, SharedBottomHeads
 class MultiTaskRanker(nn.Module):
     """Everything upstream of `balance_point` is shared and receives only the balanced
     gradient; each task's head reads only its own copy of the shared tensors."""
+
+    #: True for a task side that reads the schema's personal features (`build_ranker` passes them)
+    uses_personal_features = False
 
     def __init__(
         self,
@@ -84,3 +87,34 @@ class MultiTaskRanker(nn.Module):
         yield from self.dense_arch.parameters()
         yield from self.interaction.parameters()
         yield from self.heads.upstream_parameters()
+
+
+#: task sides a balancing method can ask for (`Balancer.task_side`): name -> (model class,
+#: the `model.kind` whose keys it is built from)
+TASK_SIDES: dict[str, tuple[type[MultiTaskRanker], str]] = {}
+
+
+def register_task_side(name: str, base_kind: str) -> Callable[[type[MultiTaskRanker]], type[MultiTaskRanker]]:
+    """Class decorator: a `MultiTaskRanker` subclass available as task side ``name``."""
+
+    def deco(cls: type[MultiTaskRanker]) -> type[MultiTaskRanker]:
+        TASK_SIDES[name] = (cls, base_kind)
+        return cls
+
+    return deco
+
+
+def task_side_base(name: str) -> str:
+    """The `model.kind` task side ``name`` is built from."""
+    if name not in TASK_SIDES:
+        raise ValueError(f"task side {name!r} is not known; known: {', '.join(sorted(TASK_SIDES))}")
+    return TASK_SIDES[name][1]
+
+
+def build_ranker(task_side: str | None, *, tables: list[EmbeddingBagConfig], num_dense: int, num_tasks: int,
+                 spec: ModelConfig, balancer: Balancer, personal_features: Sequence[str] = (),
+                 device: torch.device | None = None) -> MultiTaskRanker:
+    """The model for ``spec``, or with the task side a balancing method asks for."""
+    cls = MultiTaskRanker if task_side is None else TASK_SIDES[task_side][0]
+    extra = {"personal_features": personal_features} if cls.uses_personal_features else {}
+    return cls(tables, num_dense, num_tasks, spec, balancer, device=device, **extra)

@@ -61,7 +61,7 @@ def sharded_trainer(config: dict, out_name: str = "out"):
     tables so that it matches `reference_model` exactly."""
     from pathlib import Path
 
-    from trainer.build import build_model
+    from trainer.core.factory import build
     from trainer.config import config_from_dict
     from trainer.distributed import init_distributed
     from trainer.loop import Trainer
@@ -72,7 +72,7 @@ def sharded_trainer(config: dict, out_name: str = "out"):
     env = init_distributed()
     trainer = Trainer(cfg, env, Path(cfg.data.path) / out_name)
     torch.manual_seed(cfg.train.seed)
-    copy_full_embeddings(trainer.model, build_model(cfg, trainer.schema).state_dict())
+    copy_full_embeddings(trainer.model, build(cfg, trainer.schema).model.state_dict())
     return trainer
 
 
@@ -80,13 +80,13 @@ def reference_model(config: dict):
     """(cfg, schema, unsharded model, [embedding SGD, dense Adam]) in this process."""
     from pathlib import Path
 
-    from trainer.build import build_model
+    from trainer.core.factory import build
     from trainer.config import config_from_dict
 
     cfg = config_from_dict(config)
     schema = Schema.load(Path(cfg.data.path) / "schema.json")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, schema)
+    model = build(cfg, schema).model
     embedding = [p for n, p in model.named_parameters() if "embedding_bag_collection" in n]
     dense = [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
     optimizers = [torch.optim.SGD(embedding, lr=cfg.train.embedding_lr),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from balancing import DRGradPoint, make_balancer
+from balancing import TaskInfo, DRGradPoint, make_balancer
 from tests.distributed_util import run_ranks
 from tests import reference
 
@@ -195,9 +195,10 @@ def test_routing_happens_inside_the_backward_pass():
 
 def test_primary_by_name_and_bad_options():
     bal = make_balancer("drgrad", 2, primary="conversion")
-    assert bal.resolve_primary(["click", "conversion"]) == 1
+    bal.bind_tasks(TaskInfo(("click", "conversion")))
+    assert bal.primary_index == 1
     with pytest.raises(ValueError, match="'primary'.*allowed: click, conversion"):
-        make_balancer("drgrad", 2, primary="nope").resolve_primary(["click", "conversion"])
+        make_balancer("drgrad", 2, primary="nope").bind_tasks(TaskInfo(("click", "conversion")))
     with pytest.raises(ValueError, match="'primary'"):
         make_balancer("drgrad", 2, primary=2)
     with pytest.raises(ValueError, match=r"'decay' must be a finite number in \[0.0, 1.0\]"):
@@ -212,13 +213,13 @@ def test_primary_by_name_and_bad_options():
 
 # ----------------------------------------------------------------------------- the model
 def build(config: dict):
-    from trainer.build import build_model
     from trainer.config import config_from_dict
+    from trainer.core.factory import build as build_run
     from trainer.data.schema import Schema
 
     cfg = config_from_dict(config)
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg, Schema.load(Path(cfg.data.path) / "schema.json"))
+    return build_run(cfg, Schema.load(Path(cfg.data.path) / "schema.json")).model
 
 
 def test_model_is_mmoe_bottom_and_experts_with_split_heads(tiny_dataset):
@@ -245,7 +246,7 @@ def parameter_counts(config_path: Path, data: Path) -> dict[str, int]:
     """Embedding and dense parameter counts of the model a config file builds on ``data``."""
     from trainer.config import load_config
 
-    drgrad = ["balance.options.primary=0", "balance.options.personal_gate=false"]  # as on census, also on tiny
+    drgrad = ["balance.options.primary=0", "model.personal_gate=false"]  # as on census, also on tiny
     cfg = load_config(config_path, [f'data.path="{data}"', *(drgrad if "drgrad" in config_path.name else [])])
     model = build(cfg.to_dict())
     counts = {"embedding": 0, "dense": 0}

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.build import build_balancer
+from trainer.core.factory import build_balancer
 from trainer.config import load_config
 from trainer.data.errors import DataError
 from trainer.data.label_rates import label_rates
@@ -37,7 +37,7 @@ def test_builder_binds_prior_entropy_weights(tmp_path):
     schema = _data_set(tmp_path, ([1.0, 0.0, 0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]))
     cfg = load_config(None, [f"data.path='{tmp_path}'", "balance.method=cograd",
                              "balance.options={weights='prior_entropy'}"])
-    bal = build_balancer(cfg, 2, schema=schema)
+    bal = build_balancer(cfg, schema)
     import math
     h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))  # noqa: E731
     assert bal.weights == pytest.approx((1 / h(1 / 3), 1 / h(2 / 3)))

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from balancing import Balancer, make_balancer
-from trainer.build import build_balancer, build_model
+from balancing import Balancer
+from trainer.core.factory import build
 from trainer.checkpoint import CheckpointManager, CheckpointMismatchError
 from trainer.guard import NonFiniteGuard, NonFiniteLimitError
 from trainer.config import Config, ConfigError
@@ -29,8 +29,6 @@ from trainer.distributed import DistEnv, all_reduce_sum
 from trainer.gauc import UserGAUC
 from trainer.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
 from trainer.metrics import TaskMetrics, Throughput, global_mean, gpu_memory
-from balancing.parameter_level import ParameterLevelBalancing, own_rank_group
-from balancing.methods.pub import PUBStep
 from trainer.progress import ConsoleProgress
 from trainer.report import write_json
 from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
@@ -89,12 +87,13 @@ class Trainer:
         self.schema = Schema.load(root / "schema.json")
         self.tasks = list(self.schema.labels)
         torch.manual_seed(cfg.train.seed)
-        self.param_level: ParameterLevelBalancing | PUBStep | None = None
-        model = self._build_model()
+        built = build(cfg, self.schema)
+        self.balancer: Balancer = built.balancer  # the configured method, whichever level it acts at
+        self.param_level = built.parameter_level
         self.model = shard_model(
-            model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
+            built.model, env, cfg.sharding.type, cfg.train.embedding_optimizer, cfg.train.embedding_lr
         )
-        owned = self.param_level.params if isinstance(self.param_level, PUBStep) else ()
+        owned = self.param_level.params if self.param_level is not None and self.param_level.owns_update else ()
         self.optimizer = make_optimizer(self.model, cfg.train.dense_lr, cfg.train.weight_decay, exclude=owned)
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
         self.guard = NonFiniteGuard(self.ranker.sparse_arch)
@@ -124,29 +123,15 @@ class Trainer:
         self.eval_skipped_rows: dict[str, int] = {}  # split -> bad rows its last evaluation skipped
         self.resume()
 
-    def _build_model(self) -> Any:
-        """The model. Methods that act on the shared dense parameters (PUB, and any method at
-        `balance.level = "parameters"`) get a balance point that passes the plain sum, and
-        their balancer is kept in `self.param_level` (and in the model, so checkpointed)."""
-        cfg, tasks = self.cfg, len(self.tasks)
-        if cfg.balance.method != "pub" and cfg.balance.level != "parameters":
-            return build_model(cfg, self.schema)
-        model = build_model(cfg, self.schema, point_balancer=make_balancer("equal", tasks))
-        balancer = build_balancer(cfg, tasks, process_group=own_rank_group(), schema=self.schema)
-        shared = model.shared_dense_parameters()
-        if cfg.balance.method == "pub":
-            self.param_level = PUBStep(shared, balancer, cfg.train.dense_lr, cfg.train.weight_decay)
-        else:
-            self.param_level = ParameterLevelBalancing(shared, balancer)
-        model.add_module("parameter_balancer", balancer)
-        return model
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs. Per-rank metric states live under per-rank keys
-        (torch.distributed.checkpoint treats identical keys as replicated)."""
+        (torch.distributed.checkpoint treats identical keys as replicated). A balancer at the
+        parameter level is not in the model: its state has its own key."""
         stream = self.stream.state_dict()
+        balancer = {"balancer": self.balancer.state_dict()} if self.param_level is not None else {}
         return {
+            **balancer,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "progress": {
@@ -159,6 +144,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.param_level is not None:
+            self.balancer.load_state_dict(state["balancer"])
         self.optimizer.load_state_dict(state["optimizer"])
         progress = {k: int(v) for k, v in state["progress"].items()}
         self.step, self.examples_seen = progress["step"], progress["examples_seen"]
@@ -233,11 +220,6 @@ class Trainer:
     def ranker(self) -> Any:
         """The unwrapped model (sharded tables, no DDP wrapper)."""
         return self.model.module
-
-    @property
-    def balancer(self) -> Balancer:
-        """The configured balancer, whichever level it acts at."""
-        return self.param_level.balancer if self.param_level else self.ranker.balancer
 
     def _reader(self, split: str, batch: int, shuffle: bool, drop_last: bool) -> ParquetReader:
         return ParquetReader(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.build import build_balancer, embedding_tables
+from trainer.core.factory import build_balancer, check_method, schema_tables
 from trainer.config import Config, ConfigError
 from trainer.data.reader import ParquetReader
 from trainer.data.schema import Schema
@@ -24,15 +24,16 @@ def preflight(cfg: Config, world_size: int) -> Schema:
             f"`recbalance data census|synthetic|convert --output {cfg.data.path}`"
         )
     schema = Schema.load(schema_path)
-    try:
-        build_balancer(cfg, len(schema.labels))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_method(cfg)
     resolve_device(cfg.train.device, world_size)
     train_batch = local_batch_size(cfg.data.global_batch_size, world_size, "data.global_batch_size")
     eval_batch = local_batch_size(cfg.data.eval_batch_size, world_size, "data.eval_batch_size")
     check_splits(cfg, schema, world_size, train_batch, eval_batch)
-    check_tables_fit(embedding_tables(schema), world_size, available_memory(), str(schema_path))
+    try:
+        build_balancer(cfg, schema)  # its options, bound to the data set's tasks
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    check_tables_fit(schema_tables(schema), world_size, available_memory(), str(schema_path))
     return schema
 
 

@@ -11,8 +11,8 @@ docs/methods.md.
 
 Options: primary = 0 (task index or label name), gamma = 1.0 (γ > 0 of Eq. 1), decay = 1.0
 (1.0: Eq. 7's accumulated sum; < 1 a discounted sum, which stays bounded), loss_weights
-(α per task, default 1 each), personal_gate = true (PPNet gate on vs where the schema names
-personal features; read by the model builder).
+(α per task, default 1 each). It needs the split-MMoE task side (``task_side``) and acts at
+the representation only.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..base import Balancer, gram_is_finite, plain_sum, weighted_sum
+from ..base import Balancer, TaskInfo, gram_is_finite, plain_sum, weighted_sum
 from ..gram import GramRows
-from ..options import check_bool, check_float, check_per_task
+from ..options import check_float, check_per_task
 from ..registry import register
 from ..telemetry import BackwardTiming
 from ..small_linalg import quad
@@ -92,6 +92,9 @@ class DRGrad(Balancer):
     `DRGradPoint`. At a plain `BalancePoint` there is no dedicated path (g1' = 0): the router
     then adds nothing and the result is the plain sum."""
 
+    levels = ("representation",)
+    task_side = "split_mmoe"
+
     def __init__(
         self,
         num_tasks: int,
@@ -99,7 +102,6 @@ class DRGrad(Balancer):
         gamma: float = 1.0,
         decay: float = 1.0,
         loss_weights: Optional[Sequence[float]] = None,
-        personal_gate: bool = True,
         process_group: Optional[Any] = None,
     ) -> None:
         super().__init__(num_tasks, process_group)
@@ -119,7 +121,6 @@ class DRGrad(Balancer):
         self.decay = check_float("decay", decay, low=0.0, high=1.0)
         alpha = check_per_task("loss_weights", 1.0 if loss_weights is None else loss_weights, num_tasks, low=0.0)
         self.loss_weights: Optional[List[float]] = None if all(a == 1.0 for a in alpha) else alpha
-        self.personal_gate = check_bool("personal_gate", personal_gate)
         self.register_buffer("alpha", torch.tensor(alpha), persistent=False)
         #: σ and μ live as Python floats (read in every forward, written in every backward,
         #: without a device round trip); the buffers hold them when the state is saved.
@@ -130,16 +131,16 @@ class DRGrad(Balancer):
         self._route: Optional[Route] = None
         self._routed_norms = [0.0, 0.0]
 
-    def resolve_primary(self, labels: List[str]) -> int:
-        """Index of the primary task among ``labels`` (the data set's label names)."""
+    def bind_tasks(self, info: TaskInfo) -> None:
+        """Resolve ``primary`` given as a label name to its task index."""
+        super().bind_tasks(info)
         if self.primary_index is None:
-            if self.primary not in labels:
+            if self.primary not in info.names:
                 raise ValueError(
                     f"balance option 'primary': {self.primary!r} is not a label of the data set; "
-                    f"allowed: {', '.join(labels)} or an index"
+                    f"allowed: {', '.join(info.names)} or an index"
                 )
-            self.primary_index = labels.index(str(self.primary))
-        return self.primary_index
+            self.primary_index = list(info.names).index(str(self.primary))
 
     @property
     def p(self) -> int:

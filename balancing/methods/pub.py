@@ -47,6 +47,13 @@ def _check_betas(value: object) -> tuple[float, float]:
 class PUB(Balancer):
     """Parameter Update Balancing (see module docstring)."""
 
+    levels = ("parameters",)
+
+    @classmethod
+    def parameter_step(cls, shared_params: Iterable[nn.Parameter], balancer: Balancer, lr: float,
+                       weight_decay: float) -> "PUBStep":
+        return PUBStep(shared_params, balancer, lr, weight_decay)  # type: ignore[arg-type]
+
     def __init__(
         self,
         num_tasks: int,
@@ -175,6 +182,8 @@ class PUBStep(ParameterLevelBalancing):
     """PUB as the optimizer step of the shared dense parameters: the same interface as
     `ParameterLevelBalancing` (per_task_gradients, apply), but `apply` writes the parameter
     update itself (the dense optimizer must leave these parameters out)."""
+
+    owns_update = True
 
     def __init__(self, shared_params: Iterable[nn.Parameter], balancer: PUB, dense_lr: float,
                  weight_decay: float = 0.0) -> None:
