@@ -13,13 +13,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .base import Balancer
+from .distributed import is_distributed
 
 
 def own_rank_group() -> object | None:
     """A process group holding only this rank: the per-task gradients are already global
     when the balancer sees them, so its Gram must not be reduced again. Every rank must call
     this (creating a group is collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return None
     mine = None
     for r in range(dist.get_world_size()):
@@ -54,7 +55,7 @@ class ParameterLevelBalancing:
             ])
             rows.append(flat * coefficients[m])
         per_task = torch.stack(rows)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(per_task)
         return per_task
 

@@ -1,6 +1,6 @@
 """torchx components for recbalance.
 
-``train`` runs ``recbalance train`` (the module ``trainer.cli``) under torchrun through
+``train`` runs ``recbalance train`` (the module ``trainer.run.cli``) under torchrun through
 torchx's ``dist.ddp``, so the same command starts a job on this machine
 (``-s local_cwd``), on a Kubernetes cluster with Volcano (``-s kubernetes``) or on any
 other torchx scheduler::
@@ -18,9 +18,9 @@ from typing import Dict, List, Optional, Tuple
 import torchx.specs as specs
 from torchx.components.dist import ddp, parse_nnodes
 
-#: the module every rank runs (``python -m trainer.cli train ...``); the console script
+#: the module every rank runs (``python -m trainer.run.cli train ...``); the console script
 #: ``recbalance`` is the same function.
-TRAIN_MODULE = "trainer.cli"
+TRAIN_MODULE = "trainer.run.cli"
 #: the image built from this repository's Dockerfile.
 DEFAULT_IMAGE = "recbalance:0.1.0"
 #: port of the Prometheus exporter (rank 0 serves it): `metrics.port` in the run config

@@ -14,7 +14,7 @@ os.environ.setdefault("RECBALANCE_COLLECTIVE_TIMEOUT_S", "120")
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """~3k rows of synthetic click/conversion data in row groups of 256 rows."""
-    from trainer.data.synthetic import make_synthetic
+    from trainer.datasets.synthetic import make_synthetic
 
     out = tmp_path_factory.mktemp("tiny") / "synthetic"
     make_synthetic(out, rows=3000, num_tasks=2, relation=0.5, seed=1, num_users=50, num_items=200,

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from trainer.distributed import free_port
+from trainer.run.distributed import free_port
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, max_restarts: int = 0) -> dict[int, Any]:

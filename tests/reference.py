@@ -63,9 +63,9 @@ def sharded_trainer(config: dict, out_name: str = "out"):
 
     from trainer.core.factory import build
     from trainer.config import config_from_dict
-    from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
-    from trainer.sharding import copy_full_embeddings
+    from trainer.run.distributed import init_distributed
+    from trainer.core.trainer import Trainer
+    from trainer.core.parallel import copy_full_embeddings
 
     cfg = config_from_dict(config)
     torch.set_num_threads(1)
@@ -97,7 +97,7 @@ def reference_model(config: dict):
 def reference_steps(model, optimizers, batches: Iterator[Batch], steps: int) -> Iterator[torch.Tensor]:
     """Plain single-process training: forward, the balancer's loss, ONE backward, step.
     Yields each step's per-task losses [M]; the caller reads any state it compares."""
-    from trainer.loop import task_losses
+    from trainer.core.trainer import task_losses
 
     for _ in range(steps):
         batch = next(batches)

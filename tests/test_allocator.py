@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import ctypes, ctypes.util, sys
 import torch
-from trainer.allocator import keep_freed_memory
+from trainer.run.allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -141,7 +141,7 @@ def test_parse_methods_names_and_options():
     ],
 )
 def test_bad_methods_stop_before_training(tiny_dataset, tmp_path, capsys, methods, message):
-    from trainer.cli import main
+    from trainer.run.cli import main
 
     out = tmp_path / "bench"
     code = main(["bench", "quality", "--config", str(ROOT / "configs/demo.toml"), *tiny_sets(tiny_dataset),
@@ -155,7 +155,7 @@ def test_bad_methods_stop_before_training(tiny_dataset, tmp_path, capsys, method
 
 
 def test_finished_cell_with_another_config_is_an_error(tiny_dataset, tmp_path, capsys):
-    from trainer.cli import main
+    from trainer.run.cli import main
 
     cell = tmp_path / "bench" / "cells" / "equal" / "seed-0"
     cell.mkdir(parents=True)

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-from trainer.checkpoint import (
+from trainer.core.checkpoint import (
     CheckpointManager, CheckpointMismatchError, CheckpointRefusedError, TensorOnlyLoadPlanner, UnsafeCheckpointError,
     _MetadataUnpickler,
 )
@@ -43,8 +43,8 @@ def _flat_state(trainer) -> dict[str, torch.Tensor]:
 
 def train_segment(config: dict, out_dir: str, until: int | None) -> dict:
     from trainer.config import config_from_dict
-    from trainer.distributed import init_distributed, shutdown_distributed
-    from trainer.loop import Trainer
+    from trainer.run.distributed import init_distributed, shutdown_distributed
+    from trainer.core.trainer import Trainer
 
     torch.set_num_threads(1)
     env = init_distributed()

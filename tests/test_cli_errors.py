@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.test_cli_train import recbalance, tiny_overrides
-from trainer.cli import main
+from trainer.run.cli import main
 
 
 def corrupt_column_pages(file: Path, column: int) -> None:

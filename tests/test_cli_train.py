@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def recbalance(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "trainer.run.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 

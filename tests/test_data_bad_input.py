@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.data import DataError, ParquetReader, Schema, SparseFeature
-from trainer.data.writer import write_schema
+from trainer.datasets.writer import write_schema
 
 SCHEMA = Schema(labels=["click"], dense=["price"], sparse=[SparseFeature("item", 10, 4)])
 ROWS, RG = 40, 10

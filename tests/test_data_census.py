@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.data import ParquetReader, Schema
-from trainer.data.census import CENSUS_COLUMNS, census_files, find_census_source, make_census
+from trainer.datasets.census import CENSUS_COLUMNS, census_files, find_census_source, make_census
 
 LIMIT = 2000
 

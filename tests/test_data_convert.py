@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.data import DataError, ParquetReader, Schema
-from trainer.data.cli import add_data_commands, run_data_command
-from trainer.data.convert import ConvertSpec, LabelSpec, convert_csv
-from trainer.data.features import fnv1a64
+from trainer.datasets.cli import add_data_commands, run_data_command
+from trainer.datasets.convert import ConvertSpec, LabelSpec, convert_csv
+from trainer.datasets.features import fnv1a64
 
 
 def _cli(*argv: str) -> int:

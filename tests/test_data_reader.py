@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trainer.data import Batch, DataError, ParquetReader, Schema, SparseFeature, TrainStream
-from trainer.data.writer import arrow_schema, write_schema
+from trainer.datasets.writer import arrow_schema, write_schema
 
 SCHEMA = Schema(labels=["click", "buy"], dense=["d0", "d1"],
                 sparse=[SparseFeature("rid", 1_000_000, 4), SparseFeature("cat", 7, 4),

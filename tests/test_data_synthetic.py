@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.data import ParquetReader, Schema
-from trainer.data.synthetic import make_synthetic, task_vectors
+from trainer.datasets.synthetic import make_synthetic, task_vectors
 
 
 def _labels(root: Path, split: str = "train") -> np.ndarray:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.distributed import process_group_backend, resolve_device
-from trainer.guard import NonFiniteGuard
-from trainer.metrics import gpu_memory
+from trainer.run.distributed import process_group_backend, resolve_device
+from trainer.core.guard import NonFiniteGuard
+from trainer.observe.metrics import gpu_memory
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 

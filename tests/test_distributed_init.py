@@ -12,7 +12,7 @@ from tests.distributed_util import run_ranks
 
 
 def write_then_fail_once() -> dict[str, bool]:
-    from trainer.distributed import attempt_store, init_distributed, shutdown_distributed
+    from trainer.run.distributed import attempt_store, init_distributed, shutdown_distributed
 
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     world = int(os.environ["WORLD_SIZE"])

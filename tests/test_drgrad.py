@@ -279,8 +279,8 @@ def tiny_config(data: Path) -> dict:
 
 
 def sharded_run(config: dict):
-    from trainer.distributed import shutdown_distributed
-    from trainer.metrics import global_mean
+    from trainer.run.distributed import shutdown_distributed
+    from trainer.observe.metrics import global_mean
 
     trainer = reference.sharded_trainer(config, "out-drgrad")
     losses, mus = [], []
@@ -319,7 +319,7 @@ def test_two_ranks_agree_and_match_one_process(tiny_dataset):
 
 # ----------------------------------------------------------------------------- CLI
 def recbalance(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "trainer.run.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -22,7 +22,7 @@ STEPS = 800
 
 def start_training(data: Path, out: Path, *extra: str) -> subprocess.Popen:
     sets = [a for s in [f"train.steps={STEPS}", "checkpoint.every=20", "train.log_every=100"] for a in ("--set", s)]
-    args = [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/demo.toml",
+    args = [sys.executable, "-m", "trainer.run.cli", "train", "--config", "configs/demo.toml",
             *tiny_overrides(data), *sets, "--output-dir", str(out), "--nproc-per-node", "2", *extra]
     # the tiny overrides' train.steps comes first; ours (later) wins
     # its own session, so that a failing test can stop the launcher and its ranks together
@@ -76,7 +76,7 @@ def worker_pids(parent: int) -> list[int]:
 def test_sigkill_of_one_rank_restarts_and_resumes(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     # One restart, for the kill. (A restarted gloo group used to find the dead ranks'
-    # addresses in torchelastic's shared store; trainer.distributed.attempt_store.)
+    # addresses in torchelastic's shared store; trainer.run.distributed.attempt_store.)
     proc = start_training(tiny_dataset, out, "--max-restarts", "1")
     try:
         killed_after = wait_for_checkpoint(out, proc)
@@ -164,9 +164,9 @@ class PoisonedStream:
 def nonfinite_run(config: dict, out_dir: str, poison_rank: int) -> dict:
     """Poison one rank's dense features with NaN for some steps; report what changed."""
     from trainer.config import config_from_dict
-    from trainer.distributed import init_distributed, shutdown_distributed
-    from trainer.guard import NonFiniteLimitError
-    from trainer.loop import Trainer
+    from trainer.run.distributed import init_distributed, shutdown_distributed
+    from trainer.core.guard import NonFiniteLimitError
+    from trainer.core.trainer import Trainer
 
     torch.set_num_threads(1)
     env = init_distributed()

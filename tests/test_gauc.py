@@ -34,8 +34,8 @@ def brute_force_gauc(users, preds, labels, weights) -> list[float]:
 
 
 def rank_gauc(_: int) -> dict[str, float]:
-    from trainer.distributed import init_distributed, shutdown_distributed
-    from trainer.gauc import UserGAUC
+    from trainer.run.distributed import init_distributed, shutdown_distributed
+    from trainer.observe.gauc import UserGAUC
 
     env = init_distributed()
     users, preds, labels, weights = rows()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from launch.components import APP_NAME, TRAIN_MODULE, torchrun_command, train
-from trainer.cli import build_parser
+from trainer.run.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def _flag(words: list[str], name: str) -> str:
 
 
 def _train_words(words: list[str]) -> list[str]:
-    """The `recbalance train ...` arguments after `torchrun ... -m trainer.cli`."""
+    """The `recbalance train ...` arguments after `torchrun ... -m trainer.run.cli`."""
     i = words.index("-m")
     assert words[i + 1] == TRAIN_MODULE
     return words[i + 2:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.cli import build_parser
+from trainer.run.cli import build_parser
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 
@@ -94,8 +94,8 @@ def test_rendezvous_and_ports(objs: dict[str, dict], tmp_path: Path) -> None:
         argv = _rendered_torchrun(container, node_rank, tmp_path)
         args = parse_args(argv)                       # torchrun's own parser accepts every flag
         launch, _, cmd_args = config_from_args(args)
-        assert args.module and args.training_script == "trainer.cli"
-        assert cmd_args[-len(args.training_script_args) - 2:-len(args.training_script_args)] == ["-m", "trainer.cli"]
+        assert args.module and args.training_script == "trainer.run.cli"
+        assert cmd_args[-len(args.training_script_args) - 2:-len(args.training_script_args)] == ["-m", "trainer.run.cli"]
         train_argv = args.training_script_args
         assert launch.min_nodes == launch.max_nodes == job["spec"]["completions"]
         assert launch.nproc_per_node == int(env["NPROC_PER_NODE"])

@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 from balancing import make_balancer
 from tests.distributed_util import run_ranks
 from tests import reference
-from trainer.loop import task_losses
+from trainer.core.trainer import task_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,8 +191,8 @@ def tiny_config(data: Path) -> dict:
 
 
 def sharded_run(config: dict):
-    from trainer.distributed import shutdown_distributed
-    from trainer.metrics import global_mean
+    from trainer.run.distributed import shutdown_distributed
+    from trainer.observe.metrics import global_mean
 
     trainer = reference.sharded_trainer(config, "out-pub")
     losses, alphas, shared = [], [], []
@@ -258,7 +258,7 @@ def test_cli_trains_from_census_pub_config(tiny_dataset, tmp_path):
             "train.log_every=4", "model.num_experts=2", "model.expert_layers=[8]", "model.shared_layers=[16]",
             "model.dense_layers=[8]", "model.tower_layers=[4]", "balance.options.every=3"]
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/census_pub.toml",
+        [sys.executable, "-m", "trainer.run.cli", "train", "--config", "configs/census_pub.toml",
          *[a for s in sets for a in ("--set", s)], "--output-dir", str(out), "--nproc-per-node", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

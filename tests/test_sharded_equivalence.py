@@ -19,8 +19,8 @@ def tiny_config(data: Path, sharding: str, kind: str, method: str = "equal") -> 
 
 def sharded_losses(config: dict) -> tuple[list[list[float]], list[list[float]]]:
     """One rank of the sharded run (the real Trainer), starting from the seed's full tables."""
-    from trainer.distributed import shutdown_distributed
-    from trainer.metrics import global_mean
+    from trainer.run.distributed import shutdown_distributed
+    from trainer.observe.metrics import global_mean
 
     trainer = reference.sharded_trainer(config)
     losses, weights = [], []

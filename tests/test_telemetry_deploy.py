@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.events import Evaluation, Progress, StepRecord, TaskProgress
-from trainer.telemetry import PrometheusSink
-from trainer.telemetry.prometheus import baseline_registry
+from trainer.observe.events import Evaluation, Progress, StepRecord, TaskProgress
+from trainer.observe.sinks import PrometheusSink
+from trainer.observe.prometheus import baseline_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainer.distributed import free_port
-from trainer.events import Progress, TaskProgress
-from trainer.telemetry import PrometheusSink
-from trainer.telemetry.prometheus import push_baseline
+from trainer.run.distributed import free_port
+from trainer.observe.events import Progress, TaskProgress
+from trainer.observe.sinks import PrometheusSink
+from trainer.observe.prometheus import push_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
@@ -124,7 +124,7 @@ def test_prometheus_scrapes_a_two_rank_training_run(tmp_path, tiny_dataset, push
     prometheus = start_prometheus(tmp_path, [f"127.0.0.1:{port}"], f"127.0.0.1:{pushgateway.port}")
     out = tmp_path / "run"
     run_id = f"test-{port}"
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(ROOT / "configs" / "synthetic.toml"),
+    cmd = [sys.executable, "-m", "trainer.run.cli", "train", "--config", str(ROOT / "configs" / "synthetic.toml"),
            "--set", f'data.path="{tiny_dataset}"', "--set", "data.global_batch_size=128",
            "--set", "data.eval_batch_size=512", "--set", "train.steps=200", "--set", "train.log_every=10",
            "--set", "balance.method=multibalance", "--set", f"metrics.port={port}",
@@ -258,7 +258,7 @@ def test_qps_gate_pushes_its_comparison(pushgateway, tmp_path):
 
     (tmp_path / "base.json").write_text(json.dumps(report(1000.0)))
     (tmp_path / "cand.json").write_text(json.dumps(report(900.0)))
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "bench", "compare", "--baseline",
+    proc = subprocess.run([sys.executable, "-m", "trainer.run.cli", "bench", "compare", "--baseline",
                            str(tmp_path / "base.json"), "--candidate", str(tmp_path / "cand.json"), "--max-drop", "5",
                            "--pushgateway", pushgateway.url], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "pushed to" in proc.stdout

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.distributed import DistEnv, free_port
-from trainer.events import Evaluation, Progress, StepRecord, TaskProgress
-from trainer.telemetry import PLOT_NAME, PrometheusSink, TrainingPlot, make_sinks
+from trainer.run.distributed import DistEnv, free_port
+from trainer.observe.events import Evaluation, Progress, StepRecord, TaskProgress
+from trainer.observe.sinks import PLOT_NAME, PrometheusSink, TrainingPlot, make_sinks
 
 TASKS = ["click", "conversion"]
 

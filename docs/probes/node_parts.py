@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from balancing.methods.equal import Equal  # noqa: E402
 from balancing.methods.multibalance import MultiBalance  # noqa: E402
-from trainer.allocator import keep_freed_memory  # noqa: E402
+from trainer.run.allocator import keep_freed_memory  # noqa: E402
 from trainer.bench.qps import Variant, variant_config  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
-from trainer.worker import quiet_libraries  # noqa: E402
+from trainer.run.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from trainer.core.trainer import Trainer  # noqa: E402
+from trainer.run.worker import quiet_libraries  # noqa: E402
 
 STEPS, WARMUP = 150, 50
 parts: Dict[str, List[float]] = defaultdict(list)

@@ -104,9 +104,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         from trainer.bench.quality import run_quality
 
         return run_quality(args)
-    from trainer.allocator import keep_freed_memory
-    from trainer.preflight import preflight
-    from trainer.worker import quiet_libraries
+    from trainer.run.allocator import keep_freed_memory
+    from trainer.run.preflight import preflight
+    from trainer.run.worker import quiet_libraries
 
     cfg = load_config(args.config, args.overrides)
     variants = _variants(args)

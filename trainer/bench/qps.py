@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import Config, config_from_dict
-from trainer.distributed import init_distributed, shutdown_distributed
-from trainer.loop import Trainer
+from trainer.run.distributed import init_distributed, shutdown_distributed
+from trainer.core.trainer import Trainer
 
 
 @dataclass

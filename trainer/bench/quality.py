@@ -402,7 +402,7 @@ def write_report(report: dict[str, Any], output_dir: Path) -> None:
 
 def run_quality(args: Any, log: Callable[..., None] = print) -> int:
     """`recbalance bench quality`: validate everything, train the missing cells, write the report."""
-    from trainer.preflight import preflight
+    from trainer.run.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     for flag, value, minimum in (("--seeds", args.seeds, 1), ("--nproc-per-node", args.nproc_per_node, 1),
@@ -421,7 +421,7 @@ def run_quality(args: Any, log: Callable[..., None] = print) -> int:
             raise ConfigError(f"--methods {v.name!r}: {err}") from None
 
     def train(cell: Cell) -> dict[str, Any]:
-        from trainer.launcher import launch_local
+        from trainer.run.launcher import launch_local
 
         return launch_local(cell.config.to_dict(), str(cell.directory), args.nproc_per_node, args.max_restarts)
 

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import DataError
-from .rows import Jagged, RowBlock
-from .schema import Schema
+from trainer.data.errors import DataError
+from trainer.data.rows import Jagged, RowBlock
+from trainer.data.schema import Schema
 
 ID_POLICIES = ("hash", "error")
 BAD_ROW_POLICIES = ("error", "skip")

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .errors import DataError
-from .schema import Schema
-from .sharding import index_split, open_parquet
+from trainer.data.errors import DataError
+from trainer.data.schema import Schema
+from trainer.data.row_groups import index_split, open_parquet
 
 
 def label_rates(root: str | Path, schema: Schema, split: str = "train") -> tuple[float, ...]:

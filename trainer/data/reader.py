@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .batch import Batch
-from .decode import BAD_ROW_POLICIES, ID_POLICIES, decode_row_group
-from .errors import DataError
-from .prefetch import PrefetchIterator
-from .rows import RowBlock
-from .schema import Schema
-from .sharding import Unit, batches_per_epoch, index_split, open_parquet, rank_units, row_order, unit_order
+from trainer.data.batch import Batch
+from trainer.data.decode import BAD_ROW_POLICIES, ID_POLICIES, decode_row_group
+from trainer.data.errors import DataError
+from trainer.data.prefetch import PrefetchIterator
+from trainer.data.rows import RowBlock
+from trainer.data.schema import Schema
+from trainer.data.row_groups import Unit, batches_per_epoch, index_split, open_parquet, rank_units, row_order, unit_order
 
 # (batch, real rows in it, skipped rows in it)
 _Item = tuple[Batch, int, int]

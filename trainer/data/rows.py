@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from .batch import Batch
-from .schema import Schema
+from trainer.data.batch import Batch
+from trainer.data.schema import Schema
 
 
 @dataclass

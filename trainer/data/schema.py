@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SchemaError
+from trainer.data.errors import SchemaError
 
 SCHEMA_FILE = "schema.json"
 _TOP_KEYS = {"labels", "dense", "sparse", "user_id", "personal_features"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .batch import Batch
-from .reader import ParquetReader
+from trainer.data.batch import Batch
+from trainer.data.reader import ParquetReader
 
 
 class TrainStream:

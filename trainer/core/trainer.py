@@ -18,20 +18,21 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import Balancer
 from trainer.core.factory import build
-from trainer.checkpoint import CheckpointManager, CheckpointMismatchError
-from trainer.guard import NonFiniteGuard, NonFiniteLimitError
+from trainer.core.checkpoint import CheckpointManager, CheckpointMismatchError
+from trainer.core.guard import NonFiniteGuard, NonFiniteLimitError
 from trainer.config import Config, ConfigError
 from trainer.data.batch import Batch
 from trainer.data.reader import ParquetReader
 from trainer.data.stream import TrainStream
 from trainer.data.schema import Schema
-from trainer.distributed import DistEnv, all_reduce_sum
-from trainer.gauc import UserGAUC
-from trainer.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
-from trainer.metrics import TaskMetrics, Throughput, global_mean, gpu_memory
-from trainer.progress import ConsoleProgress
-from trainer.report import write_json
-from trainer.sharding import make_optimizer, shard_model, sharding_plan_summary
+from balancing.distributed import all_reduce_sum, is_distributed
+from trainer.run.distributed import DistEnv
+from trainer.observe.gauc import UserGAUC
+from trainer.observe.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
+from trainer.observe.metrics import TaskMetrics, Throughput, global_mean, gpu_memory
+from trainer.observe.progress import ConsoleProgress
+from trainer.observe.report import write_json
+from trainer.core.parallel import make_optimizer, shard_model, sharding_plan_summary
 
 log = logging.getLogger("recbalance")
 
@@ -212,7 +213,7 @@ class Trainer:
         if self.step % STOP_CHECK_EVERY:
             return False
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag[0])
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .schema import Schema, SparseFeature
-from .writer import DEFAULT_ROW_GROUP_SIZE, SplitWriter, arrow_schema, write_schema
+from trainer.data.schema import Schema, SparseFeature
+from trainer.datasets.writer import DEFAULT_ROW_GROUP_SIZE, SplitWriter, arrow_schema, write_schema
 
 _SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 _NUM_SIN = 3

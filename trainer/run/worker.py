@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from trainer.allocator import keep_freed_memory
+from trainer.run.allocator import keep_freed_memory
 from trainer.config import config_from_dict
-from trainer.distributed import init_distributed, shutdown_distributed
+from trainer.run.distributed import init_distributed, shutdown_distributed
 
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
@@ -49,8 +49,8 @@ def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_rank)
     env = init_distributed(cfg.train.device)
-    from trainer.loop import Preempted, Trainer
-    from trainer.telemetry import make_sinks
+    from trainer.core.trainer import Preempted, Trainer
+    from trainer.observe.sinks import make_sinks
 
     # No try/finally: after an error a peer may sit in a collective forever, so the shutdown
     # barrier would hang; raising ends this process and the launcher stops the others.

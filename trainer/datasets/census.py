@@ -13,9 +13,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .convert import ConvertResult, ConvertSpec, LabelSpec, convert_csv
-from .errors import DataError
-from .writer import DEFAULT_ROW_GROUP_SIZE
+from trainer.datasets.convert import ConvertResult, ConvertSpec, LabelSpec, convert_csv
+from trainer.data.errors import DataError
+from trainer.datasets.writer import DEFAULT_ROW_GROUP_SIZE
 
 CENSUS_COLUMNS = [
     "age", "class_of_worker", "industry_code", "occupation_code", "education", "wage_per_hour",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from trainer.events import NullSink, Progress
+from trainer.observe.events import NullSink, Progress
 
 
 def _duration(seconds: float) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import DataError
+from trainer.data.errors import DataError
 
 CRITEO_LABELS = ["label"]
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
@@ -180,8 +180,8 @@ def spec_from_args(args: argparse.Namespace):  # noqa: ANN201 - ConvertSpec, imp
 def _check(args: argparse.Namespace) -> tuple[str, int]:
     """Read every split; returns the report and the number of bad rows found (exit code 1 when
     there are any, so a pipeline can gate on it)."""
-    from .reader import ParquetReader
-    from .schema import Schema
+    from trainer.data.reader import ParquetReader
+    from trainer.data.schema import Schema
     schema = Schema.load(args.dataset)
     parts = []
     bad = 0

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from balancing.distributed import is_distributed
 from torchrec.metrics.gauc import GAUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 
 
 def _route_by_user(users: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Send every row to rank (user mod world size); returns this rank's users and rows."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return users, rows
     world = dist.get_world_size()
     dest = torch.remainder(users, world)

@@ -103,21 +103,3 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them at runtime
-    """DDP communication hook that SUMS gradients instead of averaging them.
-
-    Each rank's loss is already scaled as (local sum)/(global batch), so the sum over ranks
-    is the global-batch gradient, for the dense parameters here exactly as for the sharded
-    embeddings, whose gradients TorchRec sums across ranks in its all-to-all."""
-    group = process_group if process_group is not None else dist.group.WORLD
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-    return values

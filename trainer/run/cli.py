@@ -10,9 +10,9 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from trainer.bench.cli import add_bench_commands, run_bench_command
-from trainer.checkpoint import CheckpointRefusedError
+from trainer.core.checkpoint import CheckpointRefusedError
 from trainer.config import ConfigError, load_config
-from trainer.data.cli import add_data_commands, run_data_command
+from trainer.datasets.cli import add_data_commands, run_data_command
 from trainer.data.errors import DataError
 
 
@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> int:
-    from trainer.preflight import preflight
-    from trainer.report import format_summary
-    from trainer.worker import run_worker, under_launcher
+    from trainer.run.preflight import preflight
+    from trainer.observe.report import format_summary
+    from trainer.run.worker import run_worker, under_launcher
 
     cfg = load_config(args.config, [*args.overrides, *(["checkpoint.resume=false"] if args.fresh else [])])
     if args.nproc_per_node < 1:
@@ -55,7 +55,7 @@ def train(args: argparse.Namespace) -> int:
             return 0
     else:
         preflight(cfg, world_size=args.nproc_per_node)
-        from trainer.launcher import launch_local
+        from trainer.run.launcher import launch_local
 
         summary = launch_local(cfg.to_dict(), args.output_dir, args.nproc_per_node, args.max_restarts)
     print(format_summary(summary, Path(args.output_dir)), flush=True)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def root_cause(err: ChildFailedError) -> str:
     """The first failing rank's whole error message, once (the launcher's wall of tracebacks
-    is not shown; see trainer/launcher.py)."""
+    is not shown; see trainer/run/launcher.py)."""
     rank, failure = err.get_first_failure()
     message = failure.message
     if isinstance(message, dict):

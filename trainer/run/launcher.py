@@ -9,12 +9,12 @@ from typing import Any
 
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from trainer.distributed import free_port
-from trainer.worker import run_worker
+from trainer.run.distributed import free_port
+from trainer.run.worker import run_worker
 
 
 # Loggers that print a failed rank's traceback, wrapped in the launcher's own, line by line;
-# the CLI reports the rank's error message instead (trainer.cli.root_cause).
+# the CLI reports the rank's error message instead (trainer.run.cli.root_cause).
 _TRACEBACK_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
 
 

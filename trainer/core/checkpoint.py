@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
+from balancing.distributed import is_distributed
+
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 COMPLETE = "COMPLETE"
 METADATA = ".metadata"
@@ -154,7 +156,7 @@ def all_ranks_shapes(state: dict[str, Any]) -> Shapes:
     """Collective: the union of every rank's `state_shapes` (each rank holds the optimizer
     state of its own embedding shards only), i.e. the keys of the whole checkpoint."""
     shapes = state_shapes(state)
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_distributed():
         return shapes
     gathered: list[Shapes | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, shapes)
@@ -224,7 +226,7 @@ def _attempt(action: Callable[[], Any], directory: Path) -> tuple[int, str]:
 
 def _agree(outcome: tuple[int, str]) -> tuple[int, str]:
     """The worst outcome over all ranks, so every rank takes the same branch."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_distributed():
         return outcome
     gathered: list[tuple[int, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, outcome)

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push
 from prometheus_client.registry import Collector
 from prometheus_client.exposition import start_http_server
 
-from trainer.events import Evaluation, NullSink, Progress, StepRecord
+from trainer.observe.events import Evaluation, NullSink, Progress, StepRecord
 
 PREFIX = "recbalance"
 #: Buckets for step, data-wait and balance-point durations: 100 µs .. 10 s on a 1-2.5-5

@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .csv_source import DEFAULT_NULLS, Block, TextFormat, column_names, iter_blocks
-from .errors import DataError
-from .features import DenseTransform, Hasher, Vocabulary, auto_embedding_dim, parse_float, splitmix64, uniform01
-from .schema import Schema, SparseFeature
-from .writer import DEFAULT_ROW_GROUP_SIZE, SplitWriter, arrow_schema, write_schema
+from trainer.datasets.csv_source import DEFAULT_NULLS, Block, TextFormat, column_names, iter_blocks
+from trainer.data.errors import DataError
+from trainer.datasets.features import DenseTransform, Hasher, Vocabulary, auto_embedding_dim, parse_float, splitmix64, uniform01
+from trainer.data.schema import Schema, SparseFeature
+from trainer.datasets.writer import DEFAULT_ROW_GROUP_SIZE, SplitWriter, arrow_schema, write_schema
 
 ColumnRef = str | int
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.events import Evaluation, NullSink, Progress
+from trainer.observe.events import Evaluation, NullSink, Progress
 
 PLOT_NAME = "training.png"
 
@@ -92,6 +92,6 @@ class TrainingPlot(NullSink):
         try:
             self.written = plot_training(self.points, self.evaluations, self.output_dir / PLOT_NAME, title)
         except Exception as err:  # a picture must never fail a run whose results are on disk
-            from trainer.telemetry.prometheus import warn
+            from trainer.observe.prometheus import warn
 
             warn(f"could not draw {self.output_dir / PLOT_NAME}: {err}")

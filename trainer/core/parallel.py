@@ -19,7 +19,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from trainer.data.errors import DataError
-from trainer.distributed import DistEnv, sum_allreduce_hook
+from trainer.run.distributed import DistEnv
 
 SHARDING_TYPES = {
     "table_wise": [ShardingType.TABLE_WISE.value],
@@ -84,6 +84,17 @@ def check_tables_fit(tables: list[Any], local_ranks: int, available_bytes: int, 
 
 def _memory(size: int) -> str:
     return f"{size / 2**30:,.1f} GiB ({size:,} bytes)"
+
+
+def sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them at runtime
+    """DDP communication hook that SUMS gradients instead of averaging them.
+
+    Each rank's loss is already scaled as (local sum)/(global batch), so the sum over ranks
+    is the global-batch gradient, for the dense parameters here exactly as for the sharded
+    embeddings, whose gradients TorchRec sums across ranks in its all-to-all."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def shard_model(

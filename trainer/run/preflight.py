@@ -10,9 +10,9 @@ from trainer.core.factory import build_balancer, check_method, schema_tables
 from trainer.config import Config, ConfigError
 from trainer.data.reader import ParquetReader
 from trainer.data.schema import Schema
-from trainer.distributed import resolve_device
-from trainer.loop import local_batch_size
-from trainer.sharding import check_tables_fit
+from trainer.run.distributed import resolve_device
+from trainer.core.trainer import local_batch_size
+from trainer.core.parallel import check_tables_fit
 
 
 def preflight(cfg: Config, world_size: int) -> Schema:

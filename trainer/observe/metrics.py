@@ -7,6 +7,8 @@ import math
 
 import torch
 import torch.distributed as dist
+
+from balancing.distributed import is_distributed
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
@@ -87,7 +89,7 @@ class Throughput:
 def global_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of per-rank values (e.g. each rank's local mean loss)."""
     values = values.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import Schema
+from trainer.data.schema import Schema
 
 DEFAULT_ROW_GROUP_SIZE = 4096
 DEFAULT_ROW_GROUPS_PER_FILE = 256

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from balancing.distributed import is_distributed
 from torch import nn
 
 
@@ -22,7 +24,7 @@ class NonFiniteGuard:
 
     def _check(self, grad: torch.Tensor) -> torch.Tensor:
         bad = (~torch.isfinite(grad).all()).to(torch.float32).reshape(1)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self._bad = bad
         if grad.device.type == "cpu":  # a host read costs nothing here, and skips a pass over grad

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from .errors import DataError
+from trainer.data.errors import DataError
 
 DEFAULT_NULLS = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?")
 DEFAULT_BLOCK_BYTES = 16 << 20

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import Config
-from trainer.distributed import DistEnv
-from trainer.events import MetricsSink
-from trainer.telemetry.plot import PLOT_NAME, TrainingPlot, plot_training
-from trainer.telemetry.prometheus import DURATION_BUCKETS, PrometheusSink
+from trainer.run.distributed import DistEnv
+from trainer.observe.events import MetricsSink
+from trainer.observe.plot import PLOT_NAME, TrainingPlot, plot_training
+from trainer.observe.prometheus import DURATION_BUCKETS, PrometheusSink
 
 
 def task_names(cfg: Config) -> list[str]:

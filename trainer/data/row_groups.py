@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .decode import check_file_schema
-from .errors import DataError
-from .schema import Schema
+from trainer.data.decode import check_file_schema
+from trainer.data.errors import DataError
+from trainer.data.schema import Schema
 
 
 @dataclass(frozen=True)

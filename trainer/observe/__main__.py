@@ -1,4 +1,4 @@
-"""`python -m trainer.telemetry baseline --summary RUN/summary.json --pushgateway URL`:
+"""`python -m trainer.observe baseline --summary RUN/summary.json --pushgateway URL`:
 store a run's QPS as the baseline its method, model, level and world size are compared
 against (series `recbalance_qps_baseline`, read by deploy/prometheus/rules)."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.telemetry.prometheus import push_baseline
+from trainer.observe.prometheus import push_baseline
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.telemetry", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m trainer.observe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("baseline", help="push a run's QPS as the QPS baseline")
     p.add_argument("--summary", required=True, help="summary.json of the baseline run")
