@@ -54,7 +54,8 @@ EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def embedding_tables(model: nn.Module) -> list[Any]:
+def model_tables(model: nn.Module) -> list[Any]:
+    """The embedding tables of a model's (unsharded) embedding-bag collections, as the planner sees them."""
     return [
         table
         for module in model.modules()
@@ -116,7 +117,7 @@ def shard_model(
     apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[embedding_optimizer], embedding_params, {"lr": embedding_lr})
     constraints = {
         table.name: ParameterConstraints(sharding_types=SHARDING_TYPES[sharding], compute_kernels=["fused"])
-        for table in embedding_tables(model)
+        for table in model_tables(model)
     }
     topology = Topology(world_size=env.world_size, compute_device=env.device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)

@@ -28,7 +28,8 @@ from trainer.data.schema import Schema
 from balancing.distributed import all_reduce_sum, is_distributed
 from trainer.run.distributed import DistEnv
 from trainer.observe.gauc import UserGAUC
-from trainer.observe.events import Evaluation, MetricsSink, NullSink, Progress, StepRecord, TaskProgress
+from trainer.observe.events import Evaluation, MetricsSink, Progress, StepRecord, TaskProgress
+from trainer.observe.history import HistorySink
 from trainer.observe.metrics import TaskMetrics, Throughput, global_mean, gpu_memory
 from trainer.observe.progress import ConsoleProgress
 from trainer.observe.report import write_json
@@ -64,19 +65,6 @@ STOP_CHECK_EVERY = 10  # steps between the all-rank checks for a pending SIGTERM
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was saved and the run stops to be resumed later."""
-
-
-class HistorySink(NullSink):
-    """Progress points and evaluations, kept for history.json and the end-of-run plots."""
-
-    def __init__(self) -> None:
-        self.points: list[dict[str, Any]] = []
-
-    def on_progress(self, progress: Progress) -> None:
-        self.points.append(progress.to_dict())
-
-    def on_eval(self, evaluation: Evaluation) -> None:
-        self.points.append({"step": evaluation.step, f"eval_{evaluation.split}": evaluation.tasks})
 
 
 class Trainer:
@@ -241,9 +229,8 @@ class Trainer:
         self.optimizer.zero_grad()
         per_task = None
         param_seconds = 0.0
-        # At the parameter level the per-task passes come AFTER the ordinary backward: run
-        # before it, they fired DDP's reducer hooks and left part of the dense gradients
-        # unreduced (2 ranks drifted from one process by ~1e-4).
+        # At the parameter level the per-task passes come AFTER the ordinary backward: before
+        # it they would fire DDP's reducer hooks and leave part of the dense gradients unreduced.
         objective.backward(retain_graph=self.param_level is not None)
         if self.param_level is not None:
             started = time.perf_counter()

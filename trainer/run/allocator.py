@@ -4,9 +4,8 @@ activation and gradient buffers every step.
 glibc serves blocks above its mmap threshold with fresh mmap()s and gives freed heap tops
 back to the kernel, so each step page-faults its big tensors in again. Raising the mmap
 threshold to its maximum (32 MiB) and the trim threshold to 2 GiB keeps those pages mapped
-and reused: on the census MMoE at global batch 2048 (README, "Memory") the step took 44 ms
-instead of 51 ms. The price is that the resident size stays at the peak, which a training
-process reaches every step anyway. jemalloc or tcmalloc (LD_PRELOAD) do the same job; this
+and reused (the measured effect: README, "Memory"). The price is that the resident size stays
+at the peak, which a training process reaches every step anyway. jemalloc or tcmalloc (LD_PRELOAD) do the same job; this
 needs nothing installed.
 """
 from __future__ import annotations
