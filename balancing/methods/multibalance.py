@@ -139,6 +139,11 @@ class MultiBalance(GramBalancer):
         self._state.ema_norms = [float(x) for x in ema] if bool(state["ema_started"]) else None
         self._state.started = None
 
+    def extra_stats(self) -> Dict[str, List[float]]:
+        """λ (the simplex weights) and u (the norms' EMA): the effective weights of `stats()`
+        are M·λ_m·u_m/‖g_m‖, so they also move with each step's gradient norms."""
+        return {"lambdas": self.lambdas.tolist(), "ema_norms": self.ema_norms.tolist()}
+
     def coefficient_values(self, g: GramRows) -> List[float]:
         # M x M arithmetic on plain floats (see _State).
         m, state = self.num_tasks, self._state

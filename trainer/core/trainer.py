@@ -17,7 +17,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import Balancer
-from trainer.core.factory import build
+from trainer.core.factory import balance_level, build
 from trainer.core.checkpoint import CheckpointManager, CheckpointMismatchError
 from trainer.core.guard import NonFiniteGuard, NonFiniteLimitError
 from trainer.config import Config, ConfigError
@@ -365,7 +365,7 @@ class Trainer:
             "qps_note": f"not measured: this process trained {trained} step(s), too few to pass the QPS warm-up"}
         return {
             "method": self.cfg.balance.method,
-            "level": self.cfg.balance.level,
+            "level": balance_level(self.cfg),
             "model": self.cfg.model.kind,
             "world_size": self.env.world_size,
             "global_batch_size": self.cfg.data.global_batch_size,
@@ -379,6 +379,8 @@ class Trainer:
                 t: {k: v for k, v in evaluation[t].items() if k in ("ne", "auc", "loss", "gauc")} for t in self.tasks
             },
             "weights": None if weights is None else dict(zip(self.tasks, (float(w) for w in weights))),
+            "grad_norms": dict(zip(self.tasks, (float(x) for x in stats["grad_norms"]))),
+            "cosines": self._cosine_summary(stats["cosines"]),
             "balance_extra": self.balancer.extra_stats() if hasattr(self.balancer, "extra_stats") else None,
             "sharding": sharding_plan_summary(self.model),
             "skipped_rows": {
@@ -388,6 +390,18 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
             "resumed_from_step": self.resumed_from,
         }
+
+    def _cosine_summary(self, last: torch.Tensor) -> dict[str, dict[str, float]]:
+        """Per task pair "a~b": the gradient cosine at the balance point at the last step and
+        its mean over the run's progress points (whether the tasks conflict, and how much)."""
+        points = [p["cosines"] for p in self.history.points if p.get("cosines")]
+        out = {}
+        for i, a in enumerate(self.tasks):
+            for j in range(i + 1, len(self.tasks)):
+                seen = [row[i][j] for row in points]
+                out[f"{a}~{self.tasks[j]}"] = {"last": float(last[i, j]),
+                                               "mean": sum(seen) / len(seen) if seen else math.nan}
+        return out
 
     def run(self) -> dict[str, Any]:
         """Train to the last step, checkpoint, evaluate and write summary.json, history.json

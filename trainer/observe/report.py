@@ -51,21 +51,45 @@ def _qps_line(summary: dict[str, Any]) -> str:
     return f"QPS (training examples/s, all ranks, after warm-up): {qps:,.0f}"
 
 
+def _balance_columns(summary: dict[str, Any]) -> list[tuple[str, dict[str, float], str]]:
+    """(header, value per task, format) of the balancer's columns that summary.json holds."""
+    out = []
+    if summary.get("weights"):
+        out.append(("weight", summary["weights"], ".3f"))
+    if summary.get("grad_norms"):
+        out.append(("grad norm", summary["grad_norms"], ".2e"))
+    return out
+
+
+def _cosine_lines(cosines: Any) -> list[str]:
+    """The task pairs' gradient cosines at the balance point: < 0 is conflict."""
+    if not cosines:
+        return []
+    def signed(value: Any) -> str:
+        return "-" if value is None or not math.isfinite(value) else f"{value:+.3f}"
+
+    pairs = ", ".join(f"{pair} {signed(c.get('last'))} (mean {signed(c.get('mean'))})" for pair, c in cosines.items())
+    return ["", f"gradient cosines at the balance point, last step (mean over training): {pairs}"]
+
+
 def format_summary(summary: dict[str, Any], output_dir: Path) -> str:
     tasks = summary["tasks"]
     width = max(len("task"), *(len(t) for t in tasks))
     columns = [c for c in ("ne", "auc", "gauc", "loss") if all(c in m for m in tasks.values())]
+    balance = _balance_columns(summary)
     header = "  ".join(f"{c.upper() if c != 'loss' else c:>8}" for c in columns)
+    header += "".join(f"  {name:>9}" for name, _, _ in balance)
     lines = [
         f"recbalance: {summary['model']} / {summary['method']} on {summary['world_size']} rank(s), "
         f"{summary['steps']} steps at global batch {summary['global_batch_size']}",
         "",
-        f"{'task':<{width}}  {header}   ({summary['eval_split']} split)",
+        f"{'task':<{width}}  {header}   ({summary['eval_split']} split; weights and gradient norms: last step)",
     ]
     for task, m in tasks.items():
-        lines.append(f"{task:<{width}}  " + "  ".join(_number(m[c], ".4f") for c in columns))
-    if summary.get("weights"):
-        lines += ["", "final task weights: " + ", ".join(f"{t}={w:.3f}" for t, w in summary["weights"].items())]
+        row = "  ".join(_number(m[c], ".4f") for c in columns)
+        row += "".join(f"  {_number(values.get(task), spec, 9)}" for _, values, spec in balance)
+        lines.append(f"{task:<{width}}  {row}")
+    lines += _cosine_lines(summary.get("cosines"))
     lines += _skipped_line(summary.get("skipped_rows"))
     lines += [
         "",
