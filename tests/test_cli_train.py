@@ -55,6 +55,12 @@ def test_two_rank_training_writes_summary(tiny_dataset, tmp_path):
     assert "step 4/12" in proc.stdout and "step 12/12" in proc.stdout
     assert "NE" in proc.stdout and "AUC" in proc.stdout and "QPS" in proc.stdout
     assert str(out.resolve()) in proc.stdout
+    # the balancer's view next to NE and AUC: weights, gradient norms, the pair's cosine
+    assert set(summary["grad_norms"]) == {"click", "conversion"} and set(summary["cosines"]) == {"click~conversion"}
+    cosine = summary["cosines"]["click~conversion"]
+    mean = sum(p["cosines"][0][1] for p in history if "cosines" in p) / 3
+    assert cosine["mean"] == pytest.approx(mean) and -1.0 <= cosine["last"] <= 1.0
+    assert "weight  grad norm" in proc.stdout and f"click~conversion {cosine['last']:+.3f}" in proc.stdout
 
 
 @pytest.mark.parametrize(
