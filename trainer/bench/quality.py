@@ -100,7 +100,7 @@ def parse_methods(text: str) -> list[MethodVariant]:
         if ":" in item:
             if not opts.strip():
                 raise ConfigError(f"--methods item {item!r}: no options after ':'; {METHODS_SYNTAX}")
-            valid = [o for o in method_options(name) if o != "process_group"]
+            valid = method_options(name)
             for opt in _split_top_level(opts, ";"):
                 key, eq, raw = opt.partition("=")
                 key = key.strip()
@@ -225,7 +225,7 @@ def run_cells(
             trained += 1
             state = f"trained in {_clock(time.monotonic() - t0)}"
         summaries[(cell.variant.name, cell.seed)] = summary
-        auc = "  ".join(f"{t}={m['auc']:.4f}" for t, m in summary["tasks"].items())
+        auc = "  ".join(f"{t}={_num(m.get('auc'), '.4f')}" for t, m in summary["tasks"].items())
         log(f"{head}  {state}  test AUC {auc}  elapsed {_clock(time.monotonic() - started)}", flush=True)
     return summaries
 
