@@ -163,6 +163,7 @@ def test_finished_cell_with_another_config_is_an_error(tiny_dataset, tmp_path, c
     from trainer.config import load_config
 
     written = load_config(ROOT / "configs/demo.toml", tiny_sets(tiny_dataset)[1::2]).to_dict()
+    written["balance"].update(method="equal", options={})  # the cell's method (demo.toml's may differ)
     written["train"]["steps"] = 99  # the finished cell was trained for longer than asked now
     (cell / "config.json").write_text(json.dumps(written))
     code = main(["bench", "quality", "--config", str(ROOT / "configs/demo.toml"), *tiny_sets(tiny_dataset),
