@@ -24,6 +24,7 @@ def tiny_overrides(data: Path) -> list[str]:
         f'data.path="{data}"', "data.global_batch_size=64", "data.eval_batch_size=256", "train.steps=12",
         "train.log_every=4", "model.num_experts=2", "model.expert_layers=[8]", "model.shared_layers=[16]",
         "model.dense_layers=[8]", "model.tower_layers=[4]", "metrics.port=0",
+        "balance.method=equal",  # the tests' baseline (demo.toml trains MultiBalance)
     ]
     return [arg for s in sets for arg in ("--set", s)]
 
