@@ -1,4 +1,4 @@
 """recbalance models: embeddings, dense arch and DCNv2 interaction (arches), task sides
 (heads: shared bottom, MMoE, PLE; drgrad: DRGrad's split-MMoE), the ranker that joins them
-at a balance point, and the `[model]` keys (config)."""
-from . import drgrad as _drgrad  # noqa: F401  (registers the "split_mmoe" task side)
+at a balance point, and the `[model]` keys (config). Light on purpose: the config imports
+`models.config` without TorchRec."""

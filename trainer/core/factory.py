@@ -14,6 +14,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from balancing import Balancer, TaskInfo, make_balancer
 from balancing.parameter_level import ParameterLevelBalancing, own_rank_group
 from balancing.registry import method_class
+from models import drgrad as _drgrad  # noqa: F401  (registers the "split_mmoe" task side)
 from models.ranker import build_ranker, task_side_base
 from trainer.config import Config, ConfigError
 from trainer.data.label_rates import label_rates
