@@ -78,6 +78,7 @@ class Balancer(nn.Module):
         self._last = LastStep()
         self._group_ranks: Optional[int] = None
         self._path = "auto"
+        self._constants: Dict[str, torch.Tensor] = {}
 
     @property
     def path(self) -> str:
@@ -202,9 +203,7 @@ class Balancer(nn.Module):
         """Gram as one matrix product per piece, its all-reduce, `coefficient_tensor` and the
         combination as one matrix-vector product per piece, all on the gradients' device."""
         stacks = task_stacks(grads)
-        gram = gram_of_stacks(stacks)
-        if self._world_size() > 1:
-            gram = reduce_gram(gram, self.process_group)
+        gram = self._summed_over_ranks(gram_of_stacks(stacks))
         finite = torch.isfinite(gram).all()
         coef = torch.where(finite, self.coefficient_tensor(gram, finite), torch.ones_like(gram[0]))
         shown = torch.where(finite, self.reported_weights(coef), torch.full_like(coef, float("nan")))
@@ -229,10 +228,7 @@ class Balancer(nn.Module):
         if not self.on_device(grads):
             self._global_gram(grads)
             return
-        gram = gram_of_stacks(task_stacks(grads))
-        if self._world_size() > 1:
-            gram = reduce_gram(gram, self.process_group)
-        self._last.capture(gram, None)
+        self._last.capture(self._summed_over_ranks(gram_of_stacks(task_stacks(grads))), None)
 
     def _global_gram(self, grads: Sequence[TaskGrad]) -> GramRows:
         """Global-batch Gram as M rows of floats (kept for the telemetry): the local Gram, summed
@@ -246,8 +242,22 @@ class Balancer(nn.Module):
         gram = gram_rows(grads)
         if self._world_size() > 1:
             local = torch.tensor(gram, dtype=GRAM_DTYPE, device=pieces(grads[0])[0].device)
-            gram = reduce_gram(local, self.process_group).tolist()
+            gram = self._summed_over_ranks(local).tolist()
         return gram
+
+    def _summed_over_ranks(self, gram: torch.Tensor) -> torch.Tensor:
+        """The local Gram tensor summed over the data-parallel ranks (itself on one rank)."""
+        return reduce_gram(gram, self.process_group) if self._world_size() > 1 else gram
+
+    def _constant(self, key: str, values: Sequence[Any], like: torch.Tensor,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A constant of the method (option weights, a prior, fixed task orders) as a tensor on
+        ``like``'s device, copied there once and kept (not a copy in every backward pass)."""
+        dtype = like.dtype if dtype is None else dtype
+        cached = self._constants.get(key)
+        if cached is None or cached.device != like.device or cached.dtype != dtype:
+            cached = self._constants[key] = torch.tensor(values, dtype=dtype).to(like.device)
+        return cached
 
     def _world_size(self) -> int:
         """Ranks in the data-parallel group, looked up at the first combine and kept (this runs

@@ -97,6 +97,8 @@ def _self_product(s: torch.Tensor) -> torch.Tensor:
             out = torch.mm(s, s.t(), out_dtype=torch.float32)
             _MIXED_MM[kind] = True
             return out
+        except torch.OutOfMemoryError:
+            raise  # a real failure, not a missing kernel
         except (NotImplementedError, RuntimeError, TypeError):
             _MIXED_MM[kind] = False  # this torch/device has no mixed-precision mm
     wide = s.float()

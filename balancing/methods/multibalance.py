@@ -184,7 +184,7 @@ class MultiBalance(GramBalancer):
         else:
             scale = torch.ones_like(norms)
         gram_v = scale.unsqueeze(1) * g * scale.unsqueeze(0)
-        mix = lam + self.rho * torch.tensor(self.prior, dtype=g.dtype).to(g.device, non_blocking=True)
+        mix = lam + self.rho * self._constant("prior", self.prior, g)
         d = gram_v @ mix
         if self.direction == "cosine":
             denom = gram_v.diagonal().clamp_min(0.0).sqrt() * (mix @ d).clamp_min(0.0).sqrt()

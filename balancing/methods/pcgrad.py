@@ -63,7 +63,10 @@ class MixingBalancer(SeededState, GramBalancer):
 
     def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         m = self.num_tasks
-        orders = torch.tensor(self._orders(), dtype=torch.long).reshape(m, m - 1).to(gram.device, non_blocking=True)
+        if m <= 2:  # the orders are fixed: copy them to the device once
+            orders = self._constant("orders", self._orders(), gram, torch.long).reshape(m, m - 1)
+        else:
+            orders = torch.tensor(self._orders(), dtype=torch.long).reshape(m, m - 1).to(gram.device, non_blocking=True)
         mix = self.mixing_tensor(gram, orders, finite)
         self._mixing = mix
         return mix.sum(dim=0)

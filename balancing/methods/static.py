@@ -35,4 +35,4 @@ class Static(Balancer):
         return weighted_sum(self.weights, grads)
 
     def coefficient_tensor(self, gram: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.weights, dtype=gram.dtype).to(gram.device, non_blocking=True)
+        return self._constant("weights", self.weights, gram)

@@ -227,18 +227,18 @@ class Trainer:
         losses = task_losses(logits, batch)
         objective = self.balancer.loss(losses) / self.env.world_size
         self.optimizer.zero_grad()
-        per_task = None
-        param_seconds = 0.0
         # At the parameter level the per-task passes come AFTER the ordinary backward: before
         # it they would fire DDP's reducer hooks and leave part of the dense gradients unreduced.
         objective.backward(retain_graph=self.param_level is not None)
+        param_seconds = 0.0
         if self.param_level is not None:
             started = time.perf_counter()
-            per_task = self.param_level.per_task_gradients(losses, objective)
-            self.param_level.apply(per_task)
-            param_seconds += time.perf_counter() - started
+            self.param_level.apply(self.param_level.per_task_gradients(losses, objective))
+            param_seconds = time.perf_counter() - started
+        finite = self.guard.step_is_finite(self.dense_params)  # the step's one host read
+        # read after it: on GPU the node's CUDA events have completed by then
         balance_seconds = param_seconds if self.param_level else self.ranker.balance_point.last_balance_seconds
-        if not self.guard.step_is_finite(self.dense_params):
+        if not finite:
             self.optimizer.zero_grad()  # skip: the embeddings received a zero gradient
             return StepResult(losses=losses.detach(), balance_seconds=balance_seconds, nonfinite=True)
         self.optimizer.step()
