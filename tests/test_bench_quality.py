@@ -192,3 +192,46 @@ def test_one_seed_reports_no_test(tmp_path):
     assert written["variants"]["equal"]["tasks"]["b"]["auc_mean"] is None
     assert "fewer than 2 seeds there is no test" in (tmp_path / "quality.md").read_text()
     assert "| cograd | +1.50% | n/a | n/a | 1 |" in format_tables(written)
+
+
+def test_noise_floor_trains_equal_up_to_rounding(tiny_dataset, tmp_path):
+    """--noise-floor adds static weights 0.5: under Adam and row-wise Adagrad the same training
+    as equal weights in exact arithmetic, so after a few steps their NE agree to rounding."""
+    out = tmp_path / "bench"
+    proc = quality(tiny_dataset, out, "--noise-floor", "--seeds", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "quality.json").read_text())
+    floor = "static[weights=[0.5,0.5]]"
+    assert report["noise_floor"] == floor and list(report["variants"]) == ["equal", floor, "multibalance"]
+    for task in TASKS:
+        equal_ne = report["variants"]["equal"]["tasks"][task]["ne_mean"]
+        assert report["variants"][floor]["tasks"][task]["ne_mean"] == pytest.approx(equal_ne, rel=1e-4)
+    text = (out / "quality.md").read_text()
+    assert f"Noise floor: {floor} is equal weights with the balanced gradient halved" in text
+    assert "| multibalance | " in text.split("tasks within the floor")[1]
+
+
+def test_noise_floor_lines_name_the_tasks_within_it():
+    from trainer.bench.quality import aggregate, noise_floor_lines, parse_methods
+
+    variants = parse_methods("equal,static:weights=[0.5,0.5],cograd")
+    ne = {"equal": (0.80, 1.00), "static[weights=[0.5,0.5]]": (0.801, 0.99), "cograd": (0.8004, 1.02)}
+    summaries = {(name, 0): {"tasks": {"a": {"ne": a, "auc": 0.7}, "b": {"ne": b, "auc": 0.7}}}
+                 for name, (a, b) in ne.items()}
+    report = {"seeds": [0], **aggregate(variants, [0], summaries)}
+    lines = noise_floor_lines(report, "static[weights=[0.5,0.5]]")
+    assert "a -0.13%, b +1.00%" in lines[0]  # the floor's own gains
+    assert lines[-1] == "| cograd | a |"  # a: 0.05% <= 0.125%; b: 2% > 1%
+
+
+@pytest.mark.parametrize("setting, key", [("train.embedding_optimizer=\"sgd\"", "train.embedding_optimizer"),
+                                          ("train.weight_decay=0.001", "train.weight_decay")])
+def test_noise_floor_refused_where_the_scale_matters(tiny_dataset, tmp_path, capsys, setting, key):
+    from trainer.run.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "quality", "--config", str(ROOT / "configs/demo.toml"), *tiny_sets(tiny_dataset),
+                 "--set", setting, "--methods", "equal", "--seeds", "1", "--noise-floor", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--noise-floor needs" in err and key in err
+    assert not out.exists()

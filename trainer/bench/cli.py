@@ -38,6 +38,9 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     ql.add_argument("--seed-base", type=int, default=0)
     ql.add_argument("--nproc-per-node", type=int, default=1, help="local ranks per training")
     ql.add_argument("--max-restarts", type=int, default=0, help="restarts per training after a failure")
+    ql.add_argument("--noise-floor", action="store_true",
+                    help="also train equal weights with the gradient halved (the same training in exact arithmetic "
+                         "under Adam/Adagrad): how far float rounding alone moves the comparison")
     ql.add_argument("--output-dir", required=True,
                     help="quality.json/.md/.png; every training in OUTPUT_DIR/cells/VARIANT/seed-K (reused on rerun)")
     c = bsub.add_parser("compare", help="QPS-regression gate: exit 1 when the candidate is slower beyond --max-drop, "

@@ -21,6 +21,8 @@ from trainer.config import Config, ConfigError, config_from_dict, load_config
 
 REFERENCE = "equal"
 EVAL_SPLIT = "test"
+#: --noise-floor: equal weights with the shared gradient halved (any constant scale would do)
+NOISE_FLOOR_SCALE = 0.5
 # config keys that do not change what a cell learns; a finished cell is reused when only these differ
 _IGNORED_FOR_REUSE = {"metrics", "checkpoint", "train.log_every", "train.threads_per_rank", "data.prefetch"}
 
@@ -128,6 +130,25 @@ def _parse_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw  # a bare word such as direction=cosine is a string
+
+
+def noise_floor_variant(cfg: Config) -> MethodVariant:
+    """The --noise-floor variant: `static` with every weight 0.5, i.e. equal weights with the
+    balanced gradient halved. Adam (dense) and Adagrad / row-wise Adagrad (embeddings) are
+    invariant to a constant gradient scale (up to their eps), so in exact arithmetic it trains
+    the model equal weights trains; it differs only by float rounding, and its distance from
+    equal shows how far rounding alone (amplified by training) moves a comparison over these
+    seeds. SGD and weight decay are not scale-invariant: refused, naming the key."""
+    from trainer.data.schema import Schema
+
+    if cfg.train.embedding_optimizer == "sgd":
+        raise ConfigError("--noise-floor needs a scale-invariant embedding optimizer: train.embedding_optimizer "
+                          "is 'sgd'; allowed with --noise-floor: 'adagrad', 'rowwise_adagrad'")
+    if cfg.train.weight_decay != 0:
+        raise ConfigError(f"--noise-floor needs train.weight_decay = 0 (weight decay is not invariant to the "
+                          f"gradient's scale), got {cfg.train.weight_decay}")
+    num_tasks = len(Schema.load(cfg.data.path).labels)
+    return MethodVariant("static", {"weights": [NOISE_FLOOR_SCALE] * num_tasks})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +371,34 @@ def format_tables(report: dict[str, Any]) -> str:
         test = row["test"]
         t, p = ("—", "reference") if name == REFERENCE else (_num(test["t"], ".3f"), _num(test["p"], ".3g"))
         lines.append(f"| {name} | {_num(row['avg_ne_gain_pct'], '+.2f')}% | {t} | {p} | {test['n']} |")
+    floor = report.get("noise_floor")
+    if floor:
+        lines += ["", *noise_floor_lines(report, floor)]
     return "\n".join(lines)
+
+
+def noise_floor_lines(report: dict[str, Any], floor: str) -> list[str]:
+    """The noise-floor paragraph: the floor's gain per task, and per method the tasks whose gain
+    is no larger in size than the floor's (indistinguishable from rounding at these seeds)."""
+    tasks, variants = report["tasks"], report["variants"]
+    floor_gain = {t: variants[floor]["tasks"][t]["ne_gain_pct"] for t in tasks}
+    lines = [
+        f"Noise floor: {floor} is equal weights with the balanced gradient halved, the same training in exact "
+        "arithmetic (Adam and Adagrad ignore a constant scale); it differs from equal only by float rounding, "
+        "amplified by training. Its NE gains, "
+        + ", ".join(f"{t} {_num(floor_gain[t], '+.2f')}%" for t in tasks)
+        + ", are what these seeds cannot tell from zero; one floor is itself a single sample of that noise.",
+        "",
+        "| method | tasks within the floor (abs(gain) <= abs(floor's)) |",
+        "| --- | --- |",
+    ]
+    for name, row in variants.items():
+        if name in (REFERENCE, floor):
+            continue
+        within = [t for t in tasks if row["tasks"][t]["ne_gain_pct"] is not None and floor_gain[t] is not None
+                  and abs(row["tasks"][t]["ne_gain_pct"]) <= abs(floor_gain[t])]
+        lines.append(f"| {name} | {', '.join(within) or '(none)'} |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -410,6 +458,9 @@ def run_quality(args: Any, log: Callable[..., None] = print) -> int:
         if value < minimum:
             raise ConfigError(f"{flag}: {value} is not allowed; expected an integer >= {minimum}")
     variants = parse_methods(args.methods)
+    floor = noise_floor_variant(cfg) if getattr(args, "noise_floor", False) else None
+    if floor is not None and all(v.name != floor.name for v in variants):
+        variants.insert(1, floor)
     seeds = list(range(args.seed_base, args.seed_base + args.seeds))
     out = Path(args.output_dir)
     cells = plan_cells(cfg, variants, seeds, out)
@@ -441,6 +492,7 @@ def run_quality(args: Any, log: Callable[..., None] = print) -> int:
         "steps": cfg.train.steps,
         "epochs": cfg.train.epochs,
         "cells_dir": str(out / "cells"),
+        "noise_floor": floor.name if floor is not None else None,
         **aggregate(variants, seeds, summaries),
     }
     write_report(report, out)
