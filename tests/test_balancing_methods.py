@@ -82,17 +82,23 @@ def test_uncertainty(variant):
 
 
 # ----------------------------------------------------------------------------- multibalance
-def np_multibalance(steps, beta, rho, gamma, ema, direction):
-    """MultiBalance Algorithm 3, transcribed on explicit vectors."""
+def np_multibalance(steps, beta, rho, gamma, ema, direction, gamma_schedule="constant"):
+    """MultiBalance Algorithm 3, transcribed on explicit vectors. gamma_schedule "debiased":
+    Adam's bias correction of an EMA started at zero, u_k = e_k / (1 - (1 - gamma)^k)."""
     m = steps[0].shape[0]
     lam0 = np.full(m, 1.0 / m)
     lam = lam0.copy()
     u = None
+    e = np.zeros(m)  # the zero-started EMA behind the debiased u
     lams, combined = [], []
-    for g in steps:
+    for k, g in enumerate(steps, 1):
         G = g.reshape(m, -1)
         n = np.linalg.norm(G, axis=1)
-        if ema:
+        if ema and gamma_schedule == "debiased":
+            e = (1 - gamma) * e + gamma * n
+            u = e / (1 - (1 - gamma) ** k)
+            V = np.stack([(u[i] / n[i]) * G[i] for i in range(m)])
+        elif ema:
             u = n.copy() if u is None else (1 - gamma) * u + gamma * n
             V = np.stack([(u[i] / n[i]) * G[i] for i in range(m)])
         else:
@@ -109,10 +115,10 @@ def np_multibalance(steps, beta, rho, gamma, ema, direction):
 
 
 @pytest.mark.parametrize("direction", ["cosine", "gradient"])
-@pytest.mark.parametrize("ema", [True, False])
-def test_multibalance_lambda_trajectory(direction, ema):
+@pytest.mark.parametrize("ema, gamma_schedule", [(True, "debiased"), (True, "constant"), (False, "debiased")])
+def test_multibalance_lambda_trajectory(direction, ema, gamma_schedule):
     steps = random_steps(20, 2)
-    opts = dict(beta=0.5, rho=0.1, gamma=0.2, ema=ema, direction=direction)
+    opts = dict(beta=0.5, rho=0.1, gamma=0.2, ema=ema, direction=direction, gamma_schedule=gamma_schedule)
     if direction == "gradient":  # raw inner products: keep beta * d of order 1
         opts["beta"] = 0.02
     bal = make_balancer("multibalance", M, **opts)
@@ -130,6 +136,27 @@ def test_multibalance_defaults_and_uniform_start():
     np.testing.assert_allclose(bal.combine(torch.tensor(g)).numpy(), g.sum(0), rtol=1e-12)
     bal = make_balancer("multibalance", 4)
     assert (bal.beta, bal.rho, bal.gamma, bal.ema, bal.direction) == (0.001, 0.1, 0.01, True, "cosine")
+    assert bal.gamma_schedule == "constant"
+
+
+def test_multibalance_debiased_norms_are_the_running_mean_early_on():
+    """With the debiased schedule u is the norms' mean while k << 1/gamma (gamma = 0: exactly),
+    not the first step's norm kept for ~1/gamma steps (the "constant" schedule)."""
+    norms = [4.0, 1.0, 1.0, 1.0]
+    for gamma, expected_last in ((0.0, 7.0 / 4), (0.001, None)):
+        bal = make_balancer("multibalance", 1, beta=0.0, gamma=gamma, gamma_schedule="debiased")
+        for n in norms:
+            bal.combine(torch.full((1, 1, 1), n, dtype=torch.float64))
+        if expected_last is None:
+            assert bal.ema_norms.item() == pytest.approx(7.0 / 4, rel=2e-3)
+        else:
+            assert bal.ema_norms.item() == pytest.approx(expected_last, rel=1e-12)
+    constant = make_balancer("multibalance", 1, beta=0.0, gamma=0.001)
+    for n in norms:
+        constant.combine(torch.full((1, 1, 1), n, dtype=torch.float64))
+    assert constant.ema_norms.item() == pytest.approx(4.0, rel=3e-3)
+    with pytest.raises(ValueError, match="gamma_schedule"):
+        make_balancer("multibalance", 2, gamma_schedule="linear")
 
 
 # ----------------------------------------------------------------------------- cograd

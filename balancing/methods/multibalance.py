@@ -1,15 +1,20 @@
 """`multibalance`: Algorithm 3 of the MultiBalance paper (representation-level balancing).
 
-Per step, with n_m = ||g_m|| over the global batch (from the reduced Gram):
-  u_m <- (1 - gamma) u_m + gamma n_m         (EMA of norms, started at the first n; ema=False: v = g)
+Per step k = 1, 2, ..., with n_m = ||g_m|| over the global batch (from the reduced Gram):
+  u_m <- (1 - gamma_k) u_m + gamma_k n_m     (EMA of norms; ema=False: v = g)
+             gamma_k = gamma / (1 - (1 - gamma)^k)   gamma_schedule="debiased": u is the
+                       bias-corrected EMA (the mean of the norms so far while k < 1/gamma)
+             gamma_k = 1 at k = 1, then gamma         gamma_schedule="constant": u starts at
+                       the first norm and keeps it for ~1/gamma steps
   v_m  = (u_m / n_m) g_m
   d_m  = cos(v_m, V (lam + rho lam0))        direction="cosine" (§5.4) or d = Vᵀ V (lam + rho lam0) (Eq. 12)
   lam <- Proj_simplex(lam - beta d)          (lam starts at the prior lam0)
   combined = M sum_m lam_m v_m               (output="sum"; "average": sum_m lam_m v_m, the paper's)
-Options: beta=0.001, rho=0.1, gamma=0.01, ema=True, direction="cosine", prior=None (uniform),
-output="sum". The paper's beta (1.0 ads, 5.0 feeds) moves lam to its fixed point within tens
-of steps; why the default is 1000x smaller, with the census and synthetic measurements:
-docs/methods.md.
+Options: beta=0.001, rho=0.1, gamma=0.01, gamma_schedule="constant", ema=True,
+direction="cosine", prior=None (uniform), output="sum". Algorithm 3 writes gamma_{k,m}, a
+step size that may change with k, and gives no value or start for u; both schedules with
+their measurements: docs/methods.md. The paper's beta (1.0 ads, 5.0 feeds) moves lam to its
+fixed point within tens of steps; why the default is 1000x smaller: docs/methods.md too.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from ..simplex import project_simplex_values
 
 Numbers = Union[List[float], torch.Tensor]
 OUTPUTS = ("sum", "average")
+GAMMA_SCHEDULES = ("debiased", "constant")
 
 
 def _simplex_point(name: str, value: Optional[Sequence[float]], num_tasks: int) -> List[float]:
@@ -85,6 +91,7 @@ class MultiBalance(GramBalancer):
         beta: float = 0.001,
         rho: float = 0.1,
         gamma: float = 0.01,
+        gamma_schedule: str = "constant",
         ema: bool = True,
         direction: str = "cosine",
         prior: Optional[Sequence[float]] = None,
@@ -95,6 +102,7 @@ class MultiBalance(GramBalancer):
         self.beta = check_float("beta", beta, low=0.0)
         self.rho = check_float("rho", rho, low=0.0)
         self.gamma = check_float("gamma", gamma, low=0.0, high=1.0)
+        self.gamma_schedule = check_choice("gamma_schedule", gamma_schedule, GAMMA_SCHEDULES)
         self.ema = check_bool("ema", ema)
         self.direction = check_choice("direction", direction, ("cosine", "gradient"))
         self.prior = _simplex_point("prior", prior, num_tasks)
@@ -144,6 +152,16 @@ class MultiBalance(GramBalancer):
         are M·λ_m·u_m/‖g_m‖, so they also move with each step's gradient norms."""
         return {"lambdas": self.lambdas.tolist(), "ema_norms": self.ema_norms.tolist()}
 
+    def gamma_at(self, k: int) -> float:
+        """gamma_k, the EMA's step size at step k >= 1 (a host number: k is the host's step count)."""
+        if k <= 1:
+            return 1.0
+        if self.gamma_schedule == "constant":
+            return self.gamma
+        if self.gamma == 0.0:
+            return 1.0 / k  # the limit of gamma / (1 - (1 - gamma)^k): the plain mean of the norms
+        return self.gamma / -math.expm1(k * math.log1p(-self.gamma)) if self.gamma < 1.0 else 1.0
+
     def coefficient_values(self, g: GramRows) -> List[float]:
         # M x M arithmetic on plain floats (see _State).
         m, state = self.num_tasks, self._state
@@ -153,7 +171,8 @@ class MultiBalance(GramBalancer):
             if state.ema_norms is None:
                 u = norms
             else:
-                u = [(1 - self.gamma) * prev + self.gamma * n for prev, n in zip(state.ema_norms, norms)]
+                rate = self.gamma_at(self.steps_done + 1)
+                u = [(1 - rate) * prev + rate * n for prev, n in zip(state.ema_norms, norms)]
             state.ema_norms = u
             scale = [ui / n if n > 0 else 0.0 for ui, n in zip(u, norms)]
         else:
@@ -177,7 +196,8 @@ class MultiBalance(GramBalancer):
         lam, ema, started = state.lambdas, state.ema_norms, state.started
         norms = g.diagonal().clamp_min(0.0).sqrt()
         if self.ema:
-            u = torch.where(started, (1 - self.gamma) * ema + self.gamma * norms, norms)
+            rate = self.gamma_at(self.steps_done + 1)
+            u = torch.where(started, (1 - rate) * ema + rate * norms, norms)
             scale = torch.where(norms > 0, u / torch.where(norms > 0, norms, 1.0), 0.0)
             state.ema_norms = torch.where(finite, u, ema)
             state.started = started | finite
