@@ -81,6 +81,10 @@ def test_bench_quality_end_to_end_arithmetic_and_resume(tiny_dataset, tmp_path):
             m = row["tasks"][t]
             assert m["auc_mean"] == approx(mean(auc[v][t])) and m["auc_std"] == approx(sample_std(auc[v][t]))
             assert m["ne_mean"] == approx(mean(ne[v][t])) and m["ne_std"] == approx(sample_std(ne[v][t]))
+            if v == "equal":  # the hand-written cell has no calibration: no mean rather than a partial one
+                assert m["calibration_mean"] is None
+            else:
+                assert m["calibration_mean"] == approx(mean([cells[(v, s)]["tasks"][t]["calibration"] for s in (0, 1)]))
             gain = 100 * (mean(ne["equal"][t]) - mean(ne[v][t])) / mean(ne["equal"][t])
             assert m["ne_gain_pct"] == approx(gain)
             gains.append(gain)

@@ -46,6 +46,8 @@ def test_two_rank_training_writes_summary(tiny_dataset, tmp_path):
         assert 0.0 <= metrics["auc"] <= 1.0
         assert math.isfinite(metrics["ne"]) and metrics["ne"] > 0
         assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
+        assert math.isfinite(metrics["calibration"]) and metrics["calibration"] > 0
+    assert "calib" in proc.stdout
     assert set(summary["weights"]) == {"click", "conversion"}
     assert {t["sharding_type"] for t in summary["sharding"].values()} <= {
         "table_wise", "row_wise", "column_wise", "table_row_wise"

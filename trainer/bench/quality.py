@@ -259,6 +259,11 @@ def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean, or None when a cell lacks the value (a summary written before it was recorded)."""
+    return None if any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
+
+
 def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) >= 2 else None
 
@@ -295,13 +300,15 @@ def aggregate(variants: list[MethodVariant], seeds: list[int],
                 raise ConfigError(f"cell {v.name} seed {s} has tasks {list(c['tasks'])}, expected {tasks}")
         ne = {t: [c["tasks"][t]["ne"] for c in cells] for t in tasks}
         auc = {t: [c["tasks"][t]["auc"] for c in cells] for t in tasks}
+        calibration = {t: [c["tasks"][t].get("calibration") for c in cells] for t in tasks}
         per_seed_ne[v.name] = ne
         out[v.name] = {
             "method": v.method,
             "options": v.options,
             "cells_subdir": f"cells/{v.dirname}",
             "tasks": {t: {"auc_mean": statistics.fmean(auc[t]), "auc_std": _std(auc[t]),
-                          "ne_mean": statistics.fmean(ne[t]), "ne_std": _std(ne[t])} for t in tasks},
+                          "ne_mean": statistics.fmean(ne[t]), "ne_std": _std(ne[t]),
+                          "calibration_mean": _mean_or_none(calibration[t])} for t in tasks},
             "cells": [{"seed": s, "tasks": {t: {"auc": c["tasks"][t]["auc"], "ne": c["tasks"][t]["ne"]}
                                             for t in tasks}} for s, c in zip(seeds, cells)],
         }
@@ -349,17 +356,18 @@ def format_tables(report: dict[str, Any]) -> str:
         f"{'steps' if report['steps'] else ''}".rstrip(),
         "",
         "NE gain = 100 * (NE(equal) - NE(method)) / NE(equal) from the seed means (positive is better); "
-        "p: two-sided paired t-test against equal weights over seeds (paired by seed)"
+        "p: two-sided paired t-test against equal weights over seeds (paired by seed); calibration: sum of "
+        "predictions / sum of labels on the test split, mean over seeds (1 is calibrated)"
         + ("." if len(seeds) >= 2 else "; with fewer than 2 seeds there is no test (p = n/a)."),
         "",
-        "| method | task | AUC (mean ± std) | NE (mean ± std) | NE gain vs equal | p (NE, paired) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| method | task | AUC (mean ± std) | NE (mean ± std) | NE gain vs equal | p (NE, paired) | calibration |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in report["variants"].items():
         for task, m in row["tasks"].items():
             p = "reference" if name == REFERENCE else _num(m["ne_p"], ".3g")
             lines.append(f"| {name} | {task} | {_pm(m['auc_mean'], m['auc_std'])} | {_pm(m['ne_mean'], m['ne_std'])} "
-                         f"| {_num(m['ne_gain_pct'], '+.2f')}% | {p} |")
+                         f"| {_num(m['ne_gain_pct'], '+.2f')}% | {p} | {_num(m.get('calibration_mean'), '.4f')} |")
     lines += [
         "",
         "Average over tasks; the test pairs each seed's average-over-tasks NE with equal weights' on the same seed.",

@@ -376,7 +376,8 @@ class Trainer:
             "train_seconds": self.train_seconds if trained else math.nan,
             "eval_split": self.cfg.data.eval_split,
             "tasks": {
-                t: {k: v for k, v in evaluation[t].items() if k in ("ne", "auc", "loss", "gauc")} for t in self.tasks
+                t: {k: v for k, v in evaluation[t].items() if k in ("ne", "auc", "loss", "gauc", "calibration")}
+                for t in self.tasks
             },
             "weights": None if weights is None else dict(zip(self.tasks, (float(w) for w in weights))),
             "grad_norms": dict(zip(self.tasks, (float(x) for x in stats["grad_norms"]))),

@@ -1,6 +1,7 @@
 """Per-task quality metrics on TorchRec's implementations: NE (the MultiBalance paper's
-Eq. 13: cross-entropy normalised by the entropy of the label rate), AUC and log loss,
-reduced over all ranks when computed."""
+Eq. 13: cross-entropy normalised by the entropy of the label rate), AUC, log loss and
+calibration (sum of predictions / sum of labels: 1 is calibrated; NE counts a miscalibration
+that AUC does not see), reduced over all ranks when computed."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import torch.distributed as dist
 
 from balancing.distributed import is_distributed
 from torchrec.metrics.auc import AUCMetric
+from torchrec.metrics.calibration import CalibrationMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
 from torchrec.metrics.throughput import ThroughputMetric
@@ -24,7 +26,7 @@ def _by_task(values: torch.Tensor, tasks: list[str]) -> dict[str, torch.Tensor]:
 
 
 class TaskMetrics:
-    """NE over the lifetime and a recent window, log loss and (optionally) AUC per task.
+    """NE over the lifetime and a recent window, log loss, calibration and (optionally) AUC per task.
 
     `update` only touches local state; `compute` is a collective: call it on every rank."""
 
@@ -38,6 +40,7 @@ class TaskMetrics:
             world_size=world_size, my_rank=rank, batch_size=local_batch_size, tasks=infos, compute_on_all_ranks=True
         )
         self.ne = NEMetric(window_size=ne_window_examples, include_logloss=True, **common)
+        self.calibration = CalibrationMetric(window_size=ne_window_examples, **common)
         self.auc = AUCMetric(window_size=auc_window_examples, **common) if auc_window_examples else None
 
     @torch.no_grad()
@@ -46,11 +49,13 @@ class TaskMetrics:
         label_map = _by_task(labels, self.tasks)
         weight_map = {t: weights for t in self.tasks}
         self.ne.update(predictions=predictions, labels=label_map, weights=weight_map)
+        self.calibration.update(predictions=predictions, labels=label_map, weights=weight_map)
         if self.auc is not None:
             self.auc.update(predictions=predictions, labels=label_map, weights=weight_map)
 
     def compute(self) -> dict[str, dict[str, float]]:
         raw = {k: float(v.reshape(-1)[0]) for k, v in self.ne.compute().items()}
+        raw.update({k: float(v.reshape(-1)[0]) for k, v in self.calibration.compute().items()})
         if self.auc is not None:
             raw.update({k: float(v.reshape(-1)[0]) for k, v in self.auc.compute().items()})
         out: dict[str, dict[str, float]] = {}
@@ -60,6 +65,7 @@ class TaskMetrics:
                 "ne_window": raw[f"ne-{t}|window_ne"],
                 # TorchRec reports log loss in bits; the training loss is in nats.
                 "loss": raw[f"ne-{t}|lifetime_logloss"] * math.log(2),
+                "calibration": raw[f"calibration-{t}|lifetime_calibration"],
             }
             if self.auc is not None:
                 out[t]["auc"] = raw[f"auc-{t}|window_auc"]

@@ -72,12 +72,15 @@ def _cosine_lines(cosines: Any) -> list[str]:
     return ["", f"gradient cosines at the balance point, last step (mean over training): {pairs}"]
 
 
+_COLUMN_TITLES = {"loss": "loss", "calibration": "calib"}  # calib: sum of predictions / sum of labels
+
+
 def format_summary(summary: dict[str, Any], output_dir: Path) -> str:
     tasks = summary["tasks"]
     width = max(len("task"), *(len(t) for t in tasks))
-    columns = [c for c in ("ne", "auc", "gauc", "loss") if all(c in m for m in tasks.values())]
+    columns = [c for c in ("ne", "auc", "gauc", "loss", "calibration") if all(c in m for m in tasks.values())]
     balance = _balance_columns(summary)
-    header = "  ".join(f"{c.upper() if c != 'loss' else c:>8}" for c in columns)
+    header = "  ".join(f"{_COLUMN_TITLES.get(c, c.upper()):>8}" for c in columns)
     header += "".join(f"  {name:>9}" for name, _, _ in balance)
     lines = [
         f"recbalance: {summary['model']} / {summary['method']} on {summary['world_size']} rank(s), "
