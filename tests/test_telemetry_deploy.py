@@ -69,7 +69,8 @@ def live_scrape() -> str:
             weights=[0.9, 1.1], grad_norms=[1.0, 2.0], cosines=[[1.0, 0.2], [0.2, 1.0]]))
         for split in ("valid", "test"):
             sink.on_eval(Evaluation(step=1, split=split, tasks={
-                t: {"ne": 0.9, "auc": 0.7, "loss": 0.4, "gauc": 0.6} for t in ("click", "conversion")}))
+                t: {"ne": 0.9, "auc": 0.7, "loss": 0.4, "gauc": 0.6, "calibration": 1.0}
+                for t in ("click", "conversion")}))
         sink.on_checkpoint(1)
         with urllib.request.urlopen(f"http://127.0.0.1:{sink.port}/metrics", timeout=5) as response:
             return response.read().decode()

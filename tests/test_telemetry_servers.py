@@ -192,6 +192,7 @@ def test_prometheus_scrapes_a_two_rank_training_run(tmp_path, tiny_dataset, push
         for t in tasks:
             assert close(p("recbalance_task_ne", task=t, split=split, window="lifetime"), summary["tasks"][t]["ne"])
             assert close(p("recbalance_task_auc", task=t, split=split), summary["tasks"][t]["auc"])
+            assert close(p("recbalance_task_calibration", task=t, split=split), summary["tasks"][t]["calibration"])
             assert close(p("recbalance_task_weight", task=t), summary["weights"][t])
         # ... and through Prometheus (honor_labels keeps job and run_id; no instance label)
         deadline = time.monotonic() + 10

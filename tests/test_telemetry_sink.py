@@ -37,7 +37,8 @@ def progress(step: int = 10, weights=(0.8, 1.2)) -> Progress:
 
 def evaluation(split: str = "valid") -> Evaluation:
     return Evaluation(step=10, split=split, tasks={
-        "click": {"ne": 0.93, "auc": 0.71, "loss": 0.45}, "conversion": {"ne": 0.8, "auc": 0.77, "loss": 0.3}})
+        "click": {"ne": 0.93, "auc": 0.71, "loss": 0.45, "calibration": 1.02},
+        "conversion": {"ne": 0.8, "auc": 0.77, "loss": 0.3, "calibration": 0.97}})
 
 
 def value(s: PrometheusSink, name: str, **labels) -> float | None:
@@ -84,6 +85,7 @@ def test_events_update_the_right_series():
     s.on_eval(evaluation("test"))
     assert value(s, "recbalance_task_ne", task="click", split="valid", window="lifetime") == 0.93
     assert value(s, "recbalance_task_auc", task="conversion", split="test") == 0.77
+    assert value(s, "recbalance_task_calibration", task="conversion", split="test") == 0.97
     assert value(s, "recbalance_eval_step", split="valid") == 10
     s.on_checkpoint(40)
     assert value(s, "recbalance_last_checkpoint_step") == 40
@@ -160,7 +162,8 @@ def test_final_registry_from_summary():
     s.on_progress(progress())
     s.on_eval(evaluation("valid"))
     summary = {"qps": 1234.5, "examples_seen": 2560, "steps": 10, "train_seconds": 3.0, "eval_split": "test",
-               "tasks": {"click": {"ne": 0.9, "auc": 0.7, "loss": 0.4}, "conversion": {"ne": 0.8, "auc": 0.75, "loss": 0.3}},
+               "tasks": {"click": {"ne": 0.9, "auc": 0.7, "loss": 0.4, "calibration": 1.1},
+                         "conversion": {"ne": 0.8, "auc": 0.75, "loss": 0.3, "calibration": 0.9}},
                "weights": {"click": 0.7, "conversion": 1.1}}
     r = s.final_registry(summary)
     get = r.get_sample_value
@@ -171,6 +174,8 @@ def test_final_registry_from_summary():
     assert get("recbalance_task_ne", {"task": "click", "split": "test", "window": "lifetime"}) == 0.9
     assert get("recbalance_task_ne", {"task": "click", "split": "valid", "window": "lifetime"}) == 0.93
     assert get("recbalance_task_auc", {"task": "conversion", "split": "test"}) == 0.75
+    assert get("recbalance_task_calibration", {"task": "conversion", "split": "test"}) == 0.9
+    assert get("recbalance_task_calibration", {"task": "click", "split": "valid"}) == 1.02
     assert get("recbalance_task_weight", {"task": "conversion"}) == 1.1
     failed = s.final_registry(None)
     assert failed.get_sample_value("recbalance_run_completed") == 0

@@ -157,6 +157,10 @@ class PrometheusSink(NullSink):
             f"{p}_task_gauc", "Group (per-user) AUC per task on an evaluation split, when the data set has users.",
             ["task", "split"], registry=r,
         )
+        self.calibration = Gauge(
+            f"{p}_task_calibration", "Sum of predictions / sum of labels per task on an evaluation split; 1 is calibrated.",
+            ["task", "split"], registry=r,
+        )
         self.loss = Gauge(f"{p}_task_loss", "Training log loss per task (nats), last step, all ranks.", ["task"], registry=r)
         self.weight = Gauge(f"{p}_task_weight", "Balancer's effective weight per task.", ["task"], registry=r)
         self.grad_norm = Gauge(
@@ -281,6 +285,8 @@ class PrometheusSink(NullSink):
                 self.auc.labels(task, evaluation.split).set(values["auc"])
             if "gauc" in values:
                 self.gauc.labels(task, evaluation.split).set(values["gauc"])
+            if "calibration" in values:
+                self.calibration.labels(task, evaluation.split).set(values["calibration"])
 
     def on_checkpoint(self, step: int) -> None:
         if not self.exporting:
@@ -321,6 +327,8 @@ class PrometheusSink(NullSink):
         ne = Gauge(f"{p}_task_ne", "Normalized entropy per task.", ["task", "split", "window"], registry=r)
         auc = Gauge(f"{p}_task_auc", "ROC AUC per task on an evaluation split.", ["task", "split"], registry=r)
         weight = Gauge(f"{p}_task_weight", "Balancer's final weight per task.", ["task"], registry=r)
+        calibration = Gauge(f"{p}_task_calibration", "Sum of predictions / sum of labels per task on an evaluation "
+                            "split; 1 is calibrated.", ["task", "split"], registry=r)
         nonfinite = Counter(f"{p}_nonfinite_steps", "Steps with a non-finite loss or gradient.", registry=r)
         nonfinite.inc(self.counts["nonfinite"])
         if self.checkpoint_step is not None:
@@ -336,6 +344,8 @@ class PrometheusSink(NullSink):
             for task, values in (summary.get("tasks") or {}).items():
                 ne.labels(task, split, "lifetime").set(values["ne"])
                 auc.labels(task, split).set(values["auc"])
+                if "calibration" in values:
+                    calibration.labels(task, split).set(values["calibration"])
             for task, w in (summary.get("weights") or {}).items():
                 weight.labels(task).set(w)
         else:
@@ -352,6 +362,8 @@ class PrometheusSink(NullSink):
             for task, values in evaluation.tasks.items():
                 ne.labels(task, split, "lifetime").set(values["ne"])
                 auc.labels(task, split).set(values["auc"])
+                if "calibration" in values:
+                    calibration.labels(task, split).set(values["calibration"])
         if progress is not None:
             for task, values in progress.tasks.items():
                 ne.labels(task, "train", "recent").set(values.ne_window)
