@@ -154,3 +154,33 @@ def test_run_stopped_while_evaluating_only_evaluates_and_writes_strict_json(fini
     assert "trained 0 step(s)" in summary["qps_note"] and summary["qps_note"] in proc.stdout
     strict_json(out / "history.json")
     assert tree(out / "checkpoints") == checkpoints  # nothing trained, nothing saved again
+
+
+def test_resumed_run_continues_its_history(finished, tmp_path):
+    """history.json (written with every checkpoint) is read back on resume: the points up to
+    the checkpoint stay, later ones come from the resumed training; the summary's mean
+    cosine covers the whole run."""
+    out = copy_of(finished, tmp_path)
+    first = strict_json(out / "history.json")
+    history = out / "history.json"
+    # as if the run had been stopped after a later point that the checkpoint does not cover
+    history.write_text(json.dumps(first + [{"step": 14, "qps": 1.0, "cosines": [[1.0, 9.0], [9.0, 1.0]]}]))
+    proc = train(finished.data, out, "--set", "train.steps=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    points = strict_json(history)
+    assert [p["step"] for p in points if "qps" in p] == [4, 8, 12, 16]
+    assert points[: len(first)] == first
+    summary = strict_json(out / "summary.json")
+    cosines = [p["cosines"][0][1] for p in points if p.get("cosines")]
+    assert len(cosines) == 4
+    assert summary["cosines"]["click~conversion"]["mean"] == pytest.approx(sum(cosines) / 4)
+
+
+def test_unreadable_history_is_a_warning_not_a_failure(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "history.json").write_text("{not json")
+    proc = train(finished.data, out, "--set", "train.steps=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "history.json is not readable JSON" in proc.stdout and "starts again at step 12" in proc.stdout
+    assert [p["step"] for p in strict_json(out / "history.json") if "qps" in p] == [16]

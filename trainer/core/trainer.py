@@ -176,6 +176,9 @@ class Trainer:
             )
         if self.env.is_main:
             print(f"resumed from {path} (step {self.step}, {self.examples_seen} examples seen)", flush=True)
+            problem = self.history.restore(self.output_dir / "history.json", step)
+            if problem:
+                print(f"recbalance: warning: {problem}; history.json starts again at step {step}", flush=True)
 
     def finished_summary(self) -> dict[str, Any] | None:
         """Collective: when the run resumed at its last step and rank 0 finds its summary.json,
@@ -192,6 +195,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.checkpoints.save(self.step, self.state_dict())
+        if self.env.is_main:  # the history so far, so that a resumed run can continue it
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.output_dir / "history.json", self.history.points, indent=1)
         for sink in self.sinks:
             sink.on_checkpoint(self.step)
         return path
