@@ -66,7 +66,8 @@ def live_scrape() -> str:
         sink.on_progress(Progress(
             step=1, total_steps=10, elapsed_seconds=0.1, eta_seconds=0.9, qps=5000.0, qps_lifetime=4000.0,
             examples_total=512, tasks={"click": TaskProgress(0.5, 0.9, 0.95), "conversion": TaskProgress(0.3, 0.8, 0.85)},
-            weights=[0.9, 1.1], grad_norms=[1.0, 2.0], cosines=[[1.0, 0.2], [0.2, 1.0]]))
+            weights=[0.9, 1.1], grad_norms=[1.0, 2.0], cosines=[[1.0, 0.2], [0.2, 1.0]],
+            gpu_memory={"allocated": 1e9, "reserved": 2e9, "peak": 1.5e9}))
         for split in ("valid", "test"):
             sink.on_eval(Evaluation(step=1, split=split, tasks={
                 t: {"ne": 0.9, "auc": 0.7, "loss": 0.4, "gauc": 0.6, "calibration": 1.0}
