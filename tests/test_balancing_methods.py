@@ -445,4 +445,10 @@ def test_cograd_tracks_the_size_of_its_correction():
     expected = float((out - plain).norm() / plain.norm())
     assert expected > 1e-3
     assert bal.extra_stats()["correction_ratio_last"] == pytest.approx(expected, rel=1e-9)
+    g2 = torch.randn(2, 16, 4, dtype=torch.float64) * 1e-2
+    out2 = bal.combine(g2)
+    second = float((out2 - g2.sum(0)).norm() / g2.sum(0).norm())
+    stats = bal.extra_stats()
+    assert stats["correction_steps"] == 2 and stats["correction_ratio_last"] == pytest.approx(second, rel=1e-9)
+    assert stats["correction_ratio_mean"] == pytest.approx((expected + second) / 2, rel=1e-9)
     assert make_balancer("cograd", 2).extra_stats() == {}

@@ -8,7 +8,7 @@ every batch size; ``per_sample=False`` is the paper's parameter-level formula ve
 Element-wise: the combine needs no communication (the Gram is telemetry only).
 Options: gamma=10 (number or M numbers, indexed by j), weights (M numbers, default ones, or
 "prior_entropy": the paper's loss weights 1/H(label rate)), form="fisher", per_sample=True,
-track_correction=False (the correction's relative size per step: a host read, for sweeps).
+track_correction=False (the correction's relative size per step, for sweeps; kept on the device).
 The gamma sweep behind the default and the paper's own setting: docs/methods.md.
 """
 from __future__ import annotations
@@ -73,7 +73,9 @@ class CoGrad(Balancer):
         self.per_sample = check_bool("per_sample", per_sample)
         #: measure ||correction|| / ||sum_i w_i g_i|| each step (global batch; reads it on the host)
         self.track_correction = check_bool("track_correction", track_correction)
-        self._ratio_sum, self._ratio_last, self._ratio_steps = 0.0, 0.0, 0
+        self._ratio_sum: Optional[torch.Tensor] = None  # device tensors, read in extra_stats
+        self._ratio_last: Optional[torch.Tensor] = None
+        self._ratio_steps = 0
 
     @property
     def needs_label_rates(self) -> bool:
@@ -102,22 +104,26 @@ class CoGrad(Balancer):
         return out
 
     def _track(self, plain: Sequence[torch.Tensor], corrected: Sequence[torch.Tensor]) -> None:
-        """||corrected - plain|| / ||plain|| over the global batch, kept for `extra_stats`."""
+        """||corrected - plain|| / ||plain|| over the global batch, kept on the gradients'
+        device (read only by `extra_stats`, at log time)."""
         sums = torch.stack([
             sum(((c.double() - p.double()) ** 2).sum() for p, c in zip(plain, corrected)),
             sum((p.double() ** 2).sum() for p in plain),
         ])
-        correction, base = all_reduce_sum(sums, self.process_group).tolist()
-        ratio = math.sqrt(correction / base) if base > 0 else 0.0
-        self._ratio_last, self._ratio_sum, self._ratio_steps = ratio, self._ratio_sum + ratio, self._ratio_steps + 1
+        correction, base = all_reduce_sum(sums, self.process_group).unbind()
+        ratio = torch.where(base > 0, (correction / torch.where(base > 0, base, 1.0)).sqrt(), 0.0)
+        self._ratio_last = ratio
+        self._ratio_sum = ratio if self._ratio_sum is None else self._ratio_sum + ratio
+        self._ratio_steps += 1
 
     def extra_stats(self) -> dict:
         """With ``track_correction``: the correction's size relative to the plain weighted sum."""
         if not self.track_correction:
             return {}
-        mean = self._ratio_sum / self._ratio_steps if self._ratio_steps else 0.0
-        return {"correction_ratio_last": self._ratio_last, "correction_ratio_mean": mean,
-                "correction_steps": self._ratio_steps}
+        if self._ratio_sum is None:
+            return {"correction_ratio_last": 0.0, "correction_ratio_mean": 0.0, "correction_steps": 0}
+        return {"correction_ratio_last": float(self._ratio_last), "correction_ratio_mean":
+                float(self._ratio_sum) / self._ratio_steps, "correction_steps": self._ratio_steps}
 
     def _corrected(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """sum_i w_i ĝ_i for per-task tensors of one shape [B, ...]."""

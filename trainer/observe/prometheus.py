@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
 from prometheus_client.registry import Collector
@@ -216,13 +216,17 @@ class PrometheusSink(NullSink):
             print(f"metrics: http://{shown}:{self.port}/metrics  (run_id {self.run_id})", flush=True)
 
     # -- sink handlers -----------------------------------------------------------------------
-    def on_step(self, record: StepRecord) -> None:
+    def _timed(self, update: Callable[[Any], None], event: Any) -> None:
+        """Apply ``update(event)`` under the lock, its time counted in the exporter's own cost."""
         if not self.exporting:
             return
         started = time.perf_counter()
         with self.lock:
-            self._step(record)
+            update(event)
         self.update_seconds.inc(time.perf_counter() - started)
+
+    def on_step(self, record: StepRecord) -> None:
+        self._timed(self._step, record)
 
     def _step(self, record: StepRecord) -> None:
         self.counts["examples"] += record.examples
@@ -238,12 +242,7 @@ class PrometheusSink(NullSink):
             self.nonfinite.inc()
 
     def on_progress(self, progress: Progress) -> None:
-        if not self.exporting:
-            return
-        started = time.perf_counter()
-        with self.lock:
-            self._progress(progress)
-        self.update_seconds.inc(time.perf_counter() - started)
+        self._timed(self._progress, progress)
 
     def _progress(self, progress: Progress) -> None:
         self.last_progress = progress
@@ -268,12 +267,7 @@ class PrometheusSink(NullSink):
             self.gpu_memory.labels(kind).set(value)
 
     def on_eval(self, evaluation: Evaluation) -> None:
-        if not self.exporting:
-            return
-        started = time.perf_counter()
-        with self.lock:
-            self._evaluation(evaluation)
-        self.update_seconds.inc(time.perf_counter() - started)
+        self._timed(self._evaluation, evaluation)
 
     def _evaluation(self, evaluation: Evaluation) -> None:
         self.evaluations[evaluation.split] = evaluation
