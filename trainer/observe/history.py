@@ -23,7 +23,7 @@ class HistorySink(NullSink):
         self.points.append({"step": evaluation.step, f"eval_{evaluation.split}": evaluation.tasks})
 
     def restore(self, path: Path, step: int) -> str | None:
-        """Take the points of ``path`` (an earlier history.json) up to ``step``, the checkpoint
+        """Start from the points of ``path`` (an earlier history.json) up to ``step``, the checkpoint
         resumed from: later ones will be produced again. Returns why nothing was taken when
         the file exists but is not a list of points (the run goes on with its own history)."""
         if not path.is_file():
@@ -35,5 +35,5 @@ class HistorySink(NullSink):
         if not isinstance(points, list) or not all(isinstance(p, dict) and isinstance(p.get("step"), int)
                                                    for p in points):
             return f"{path} is not a list of points with a step"
-        self.points = [p for p in points if p["step"] <= step] + self.points
+        self.points = [p for p in points if p["step"] <= step]
         return None
