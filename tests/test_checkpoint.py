@@ -50,8 +50,11 @@ def train_segment(config: dict, out_dir: str, until: int | None) -> dict:
     env = init_distributed()
     trainer = Trainer(config_from_dict(config), env, Path(out_dir))
     trainer.fit(until_step=until)
-    trainer.save_checkpoint()
+    path = trainer.save_checkpoint()
+    inode = path.stat().st_ino
+    again = trainer.save_checkpoint()  # the same step: kept as it is, not written again
     result = {"step": trainer.step, "examples": trainer.examples_seen, "resumed_from": trainer.resumed_from,
+              "saved_once": again == path and again.stat().st_ino == inode,
               "stream": trainer.stream.state_dict(), "state": _flat_state(trainer)}
     shutdown_distributed()
     return result
@@ -73,6 +76,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path):
     for rank in (0, 1):
         a, b = whole[rank], second[rank]
         assert b["resumed_from"] == 5
+        assert a["saved_once"] and b["saved_once"]
         assert (b["step"], b["examples"], b["stream"]) == (a["step"], a["examples"], a["stream"]) == (
             STEPS, STEPS * 64, a["stream"])
         assert a["state"].keys() == b["state"].keys()

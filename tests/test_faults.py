@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import subprocess
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,16 +20,49 @@ from tests.test_cli_train import ROOT, tiny_overrides
 from tests.test_sharded_equivalence import tiny_config
 
 STEPS = 800
+PROGRESS = re.compile(rf"step (\d+)/{STEPS} ")
 
 
-def start_training(data: Path, out: Path, *extra: str) -> subprocess.Popen:
-    sets = [a for s in [f"train.steps={STEPS}", "checkpoint.every=20", "train.log_every=100"] for a in ("--set", s)]
+def start_training(data: Path, out: Path, *extra: str, every: int = 20) -> subprocess.Popen:
+    sets = [a for s in [f"train.steps={STEPS}", f"checkpoint.every={every}", "train.log_every=20"]
+            for a in ("--set", s)]
     args = [sys.executable, "-m", "trainer.run.cli", "train", "--config", "configs/demo.toml",
             *tiny_overrides(data), *sets, "--output-dir", str(out), "--nproc-per-node", "2", *extra]
     # the tiny overrides' train.steps comes first; ours (later) wins
     # its own session, so that a failing test can stop the launcher and its ranks together
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+class Output:
+    """The launcher's output, read on a thread as it comes (so that a test can wait for a
+    step without blocking on a pipe and still get everything at the end)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")),
+                                       daemon=True)
+        self.reader.start()
+
+    def wait_for_step(self, step: int, timeout: float = 120) -> int:
+        """Block until a progress line reports `step` or later; returns the step it reports."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reported = [int(m.group(1)) for line in list(self.lines) if (m := PROGRESS.match(line))]
+            if reported and reported[-1] >= step:
+                return reported[-1]
+            assert self.proc.poll() is None or self.reader.is_alive(), self.text()
+            time.sleep(0.05)
+        raise AssertionError(f"no progress line for step {step}:\n{self.text()}")
+
+    def finish(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=30)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.lines)
 
 
 def stop_all(proc: subprocess.Popen) -> None:
@@ -104,9 +139,11 @@ def _alive(pid: int) -> bool:
 
 def test_ranks_checkpoint_and_stop_when_the_launcher_is_killed(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    proc = start_training(tiny_dataset, out)
+    # no periodic checkpoints: any checkpoint there is the one the SIGTERM path wrote
+    proc = start_training(tiny_dataset, out, every=0)
+    output = Output(proc)
     try:
-        first = wait_for_checkpoint(out, proc)
+        reached = output.wait_for_step(40)
         ranks = worker_pids(proc.pid)
         assert len(ranks) == 2
         os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its ranks are orphaned
@@ -118,31 +155,34 @@ def test_ranks_checkpoint_and_stop_when_the_launcher_is_killed(tiny_dataset, tmp
         stop_all(proc)
     assert not left, f"ranks {left} of {ranks} outlived their launcher"
     saved = checkpoint_steps(out)
-    assert saved[-1] > first, f"no checkpoint after step {first} (saved: {saved})"  # the SIGTERM path saves
+    assert len(saved) == 1 and reached <= saved[0] < STEPS, f"reached step {reached}; saved: {saved}"
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    proc = start_training(tiny_dataset, out)
+    proc = start_training(tiny_dataset, out, every=0)  # the only checkpoint is SIGTERM's
+    output = Output(proc)
     try:
-        first = wait_for_checkpoint(out, proc)
+        reached = output.wait_for_step(40)
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        text = output.finish(timeout=120)
     finally:
         stop_all(proc)
     assert proc.returncode != 0
-    assert "SIGTERM: saved" in output and "rerun the same command to resume" in output
-    saved = checkpoint_steps(out)[-1]
-    assert saved > first and saved < STEPS and saved % 10 == 0
+    stopped = re.search(r"SIGTERM: saved \S+ at step (\d+); rerun the same command to resume", text)
+    assert stopped, text[-3000:]
+    saved = checkpoint_steps(out)
+    assert saved == [int(stopped.group(1))], saved
+    assert reached <= saved[0] < STEPS and saved[0] % 10 == 0  # stops at the next all-rank check
     # rerunning the same command resumes from that checkpoint and finishes
     rerun = start_training(tiny_dataset, out)
     try:
-        output, _ = rerun.communicate(timeout=300)
+        text, _ = rerun.communicate(timeout=300)
     finally:
         stop_all(rerun)
-    assert rerun.returncode == 0, output[-3000:]
+    assert rerun.returncode == 0, text[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from_step"] == saved
+    assert summary["resumed_from_step"] == saved[0]
     assert summary["examples_seen"] == STEPS * 64
 
 

@@ -97,6 +97,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.stop_requested = False  # set by the SIGTERM handler
+        self.saved_step: int | None = None  # the step of the checkpoint this run wrote last
+        self.saved_path: Path | None = None
         self.train_seconds = 0.0
         self.train_metrics = TaskMetrics(
             self.tasks, env.rank, env.world_size, self.local_batch,
@@ -194,7 +196,13 @@ class Trainer:
         return json.loads(path.read_text())
 
     def save_checkpoint(self) -> Path:
+        """Collective. A step already saved is not written again: SIGTERM or the end of the
+        run right after a periodic save would otherwise replace a good checkpoint with the
+        same state, leaving a window in which none exists."""
+        if self.saved_step == self.step and self.saved_path is not None:
+            return self.saved_path
         path = self.checkpoints.save(self.step, self.state_dict())
+        self.saved_step, self.saved_path = self.step, path
         if self.env.is_main:  # the history so far, so that a resumed run can continue it
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.output_dir / "history.json", self.history.points, indent=1)
