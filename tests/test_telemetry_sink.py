@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from trainer.config import ConfigError, load_config
 from trainer.run.distributed import DistEnv, free_port
 from trainer.observe.events import Evaluation, Progress, StepRecord, TaskProgress
+from trainer.observe.history import HistorySink
 from trainer.observe.sinks import PLOT_NAME, PrometheusSink, TrainingPlot, make_sinks
 
 TASKS = ["click", "conversion"]
@@ -208,11 +210,11 @@ def env(rank: int, local_rank: int | None = None) -> DistEnv:
 
 def test_make_sinks(tmp_path):
     off = load_config(None, ["metrics.enabled=false", "metrics.port=0"])
-    sinks = make_sinks(off, env(0), tmp_path)
+    sinks = make_sinks(off, env(0), tmp_path, HistorySink())
     assert [type(x) for x in sinks] == [TrainingPlot]  # disabled: no exporter, no server
-    assert make_sinks(off, env(1), tmp_path) == []
+    assert make_sinks(off, env(1), tmp_path, HistorySink()) == []
     on = load_config(None, ["metrics.port=0"])
-    sinks = make_sinks(on, env(0), tmp_path)
+    sinks = make_sinks(on, env(0), tmp_path, HistorySink())
     try:
         exporter = next(x for x in sinks if isinstance(x, PrometheusSink))
         assert exporter.exporting and exporter.port
@@ -220,14 +222,20 @@ def test_make_sinks(tmp_path):
     finally:
         for x in sinks:
             x.close(None)
-    assert make_sinks(on, env(1), tmp_path) == []  # same node, other local rank: nothing
+    assert make_sinks(on, env(1), tmp_path, HistorySink()) == []  # same node, other local rank: nothing
+
+
+def plot_of(directory: Path, *reports) -> TrainingPlot:
+    """A training plot over a history fed with these progress points and evaluations."""
+    history = HistorySink()
+    for report in reports:
+        (history.on_eval if isinstance(report, Evaluation) else history.on_progress)(report)
+    return TrainingPlot(directory, history)
 
 
 def test_training_plot(tmp_path):
-    plot = TrainingPlot(tmp_path)
-    for step in (10, 20, 30):
-        plot.on_progress(progress(step, weights=(0.8 + step / 100, 1.2 - step / 100)))
-    plot.on_eval(evaluation("test"))
+    plot = plot_of(tmp_path, *(progress(step, weights=(0.8 + step / 100, 1.2 - step / 100)) for step in (10, 20, 30)),
+                   evaluation("test"))
     plot.close({"model": "mmoe", "method": "multibalance", "world_size": 2})
     png = tmp_path / PLOT_NAME
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -236,12 +244,27 @@ def test_training_plot(tmp_path):
     height, width = matplotlib.image.imread(png).shape[:2]
     assert height > width * 0.6  # two panels (NE and weights)
 
-    single = TrainingPlot(tmp_path / "equal")
-    single.on_progress(progress(weights=None))
-    single.close(None)
+    plot_of(tmp_path / "equal", progress(weights=None)).close(None)
     height, width = matplotlib.image.imread(tmp_path / "equal" / PLOT_NAME).shape[:2]
     assert height < width * 0.6  # weights panel skipped
 
-    nothing = TrainingPlot(tmp_path / "none")
-    nothing.close(None)
+    plot_of(tmp_path / "none", evaluation("test")).close(None)  # no progress point: nothing to draw
     assert not (tmp_path / "none").exists()
+
+
+def test_training_plot_of_a_resumed_run_draws_the_earlier_segments(tmp_path, monkeypatch):
+    import json
+
+    import trainer.observe.plot as plot_module
+
+    earlier = [progress(step).to_dict() for step in (10, 20, 30, 40)]
+    (tmp_path / "history.json").write_text(json.dumps(earlier))
+    history = HistorySink()
+    assert history.restore(tmp_path / "history.json", 30) is None  # resumed from the checkpoint of step 30
+    history.on_progress(progress(40))
+    drawn = []
+    real = plot_module.plot_training
+    monkeypatch.setattr(plot_module, "plot_training", lambda points, *a: drawn.append([p["step"] for p in points])
+                        or real(points, *a))
+    TrainingPlot(tmp_path, history).close(None)
+    assert drawn == [[10, 20, 30, 40]] and (tmp_path / PLOT_NAME).is_file()

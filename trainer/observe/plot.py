@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainer.observe.events import Evaluation, NullSink, Progress
+from trainer.observe.events import NullSink
+from trainer.observe.history import HistorySink
 
 PLOT_NAME = "training.png"
 
@@ -15,46 +16,45 @@ def _finite(values: list[float]) -> bool:
     return any(v is not None and math.isfinite(v) for v in values)
 
 
-def plot_training(
-    points: list[Progress], evaluations: list[Evaluation], path: Path, title: str = ""
-) -> Path | None:
+def plot_training(history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
     """NE (train, recent window, solid; lifetime, dashed) per task, evaluation NE as markers,
-    and a second panel of task weights when the method has weights. Returns the file written,
-    or None when there is nothing to draw."""
+    and a second panel of task weights when the method has weights, from the run's history
+    (history.json's points). Returns the file written, or None when there is nothing to draw."""
+    points = [p for p in history if "tasks" in p]
     if not points:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tasks = list(points[0].tasks)
-    has_weights = any(p.weights is not None for p in points)
+    tasks = list(points[0]["tasks"])
+    has_weights = any(p.get("weights") is not None for p in points)
     panels = 2 if has_weights else 1
     fig = Figure(figsize=(8, 3.2 * panels), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
-    steps = [p.step for p in points]
+    steps = [p["step"] for p in points]
     ax = axes[0]
     for m, task in enumerate(tasks):
         color = f"C{m}"
-        ax.plot(steps, [p.tasks[task].ne_window for p in points], color=color, label=f"{task} (recent)")
-        ax.plot(steps, [p.tasks[task].ne_lifetime for p in points], color=color, linestyle="--", linewidth=0.8,
-                label=f"{task} (lifetime)")
+        ax.plot(steps, [p["tasks"][task]["ne_window"] for p in points], color=color, label=f"{task} (recent)")
+        ax.plot(steps, [p["tasks"][task]["ne_lifetime"] for p in points], color=color, linestyle="--",
+                linewidth=0.8, label=f"{task} (lifetime)")
         for marker, split in (("o", "valid"), ("s", "test")):
-            evals = [e for e in evaluations if e.split == split and task in e.tasks]
+            evals = [(e["step"], e[f"eval_{split}"][task]["ne"]) for e in history
+                     if task in e.get(f"eval_{split}", {})]
             if evals:
-                ax.scatter([e.step for e in evals], [e.tasks[task]["ne"] for e in evals], color=color,
-                           marker=marker, zorder=3, label=f"{task} ({split})")
+                ax.scatter(*zip(*evals), color=color, marker=marker, zorder=3, label=f"{task} ({split})")
     ax.set_ylabel("NE (lower is better)")
     ax.set_title(title or "training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
     if has_weights:
         ax = axes[1]
-        weighted = [p for p in points if p.weights is not None]
+        weighted = [p for p in points if p.get("weights") is not None]
         for m, task in enumerate(tasks):
-            series = [p.weights[m] for p in weighted]
+            series = [p["weights"][m] for p in weighted]
             if _finite(series):
-                ax.plot([p.step for p in weighted], series, color=f"C{m}", label=task)
+                ax.plot([p["step"] for p in weighted], series, color=f"C{m}", label=task)
         ax.set_ylabel("task weight")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -65,24 +65,15 @@ def plot_training(
 
 
 class TrainingPlot(NullSink):
-    """Collects the progress points and evaluations; draws training.png at close."""
+    """Draws training.png at close from the run's history, which on a resumed run holds the
+    earlier segments' points too (restored from history.json)."""
 
-    def __init__(self, output_dir: Path, enabled: bool = True) -> None:
-        self.output_dir, self.enabled = Path(output_dir), enabled
-        self.points: list[Progress] = []
-        self.evaluations: list[Evaluation] = []
+    def __init__(self, output_dir: Path, history: HistorySink) -> None:
+        self.output_dir, self.history = Path(output_dir), history
         self.written: Path | None = None
 
-    def on_progress(self, progress: Progress) -> None:
-        if self.enabled:
-            self.points.append(progress)
-
-    def on_eval(self, evaluation: Evaluation) -> None:
-        if self.enabled:
-            self.evaluations.append(evaluation)
-
     def close(self, summary: dict[str, Any] | None) -> None:
-        if not self.enabled or not self.points:
+        if not any("tasks" in p for p in self.history.points):
             return
         title = ""
         if summary is not None:
@@ -90,7 +81,7 @@ class TrainingPlot(NullSink):
         else:
             title = "training (run failed)"
         try:
-            self.written = plot_training(self.points, self.evaluations, self.output_dir / PLOT_NAME, title)
+            self.written = plot_training(self.history.points, self.output_dir / PLOT_NAME, title)
         except Exception as err:  # a picture must never fail a run whose results are on disk
             from trainer.observe.prometheus import warn
 

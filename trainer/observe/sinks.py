@@ -8,6 +8,7 @@ from pathlib import Path
 from trainer.config import Config
 from trainer.run.distributed import DistEnv
 from trainer.observe.events import MetricsSink
+from trainer.observe.history import HistorySink
 from trainer.observe.plot import PLOT_NAME, TrainingPlot, plot_training
 from trainer.observe.prometheus import DURATION_BUCKETS, PrometheusSink
 
@@ -22,13 +23,13 @@ def task_names(cfg: Config) -> list[str]:
         return []
 
 
-def make_sinks(cfg: Config, env: DistEnv, output_dir: Path) -> list[MetricsSink]:
-    """The sinks of this rank: training.png on rank 0; the Prometheus exporter when
+def make_sinks(cfg: Config, env: DistEnv, output_dir: Path, history: HistorySink) -> list[MetricsSink]:
+    """The sinks of this rank: training.png (drawn from the run's `history`) on rank 0; the Prometheus exporter when
     `metrics.enabled` (exporting on rank 0 only, an empty endpoint on other nodes'
     local rank 0, nothing elsewhere)."""
     sinks: list[MetricsSink] = []
     if env.is_main:
-        sinks.append(TrainingPlot(output_dir))
+        sinks.append(TrainingPlot(output_dir, history))
     m = cfg.metrics
     if m.enabled and (env.is_main or env.local_rank == 0):
         sinks.append(PrometheusSink(

@@ -59,7 +59,7 @@ def run_worker(config: dict[str, Any], output_dir: str) -> dict[str, Any]:
     if finished is not None:  # a rerun of a complete run: report it, start no exporter, write nothing
         shutdown_distributed()
         return finished
-    trainer.sinks.extend(make_sinks(cfg, env, Path(output_dir)))
+    trainer.sinks.extend(make_sinks(cfg, env, Path(output_dir), trainer.history))
     # Kubernetes preemption and torchrun's shutdown send SIGTERM: checkpoint, then stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
     try:
