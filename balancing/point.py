@@ -55,21 +55,17 @@ def _task_gradient(grads: Sequence[Optional[torch.Tensor]], ctx: Any) -> TaskGra
     return filled[0] if len(filled) == 1 else filled
 
 
-class BalancePoint(nn.Module):
-    """Split the shared representation into M per-task copies whose gradients are balanced.
+class PointBase(nn.Module):
+    """What every balance point has: its balancer (of the type it needs), the timing of its
+    last backward, and the number of tasks."""
 
-    ``point(h)`` returns a tuple of M tensors equal to ``h`` (views: do not modify them in
-    place); ``point((a, b))`` returns M tuples ``(a_m, b_m)``. In backward the M gradients
-    (zeros for a copy a task did not read; for several inputs, each task's gradient in
-    pieces, one per input) are combined by ``balancer.combine`` and returned upstream, so the
-    one ordinary backward continues with the balanced gradient. Inputs that do not require
-    grad (or grad mode off) are passed through unchanged. All inputs share batch dim 0.
-    """
+    balancer_type: type = Balancer
 
     def __init__(self, balancer: Balancer) -> None:
         super().__init__()
-        if not isinstance(balancer, Balancer):
-            raise ValueError(f"BalancePoint needs a balancing.Balancer, got {type(balancer).__name__}")
+        if not isinstance(balancer, self.balancer_type):
+            raise ValueError(f"{type(self).__name__} needs {self.balancer_type.__name__!r} as its balancer, "
+                             f"got {type(balancer).__name__}")
         self.balancer = balancer
         self.timing = BackwardTiming()
 
@@ -83,6 +79,18 @@ class BalancePoint(nn.Module):
     @property
     def num_tasks(self) -> int:
         return self.balancer.num_tasks
+
+
+class BalancePoint(PointBase):
+    """Split the shared representation into M per-task copies whose gradients are balanced.
+
+    ``point(h)`` returns a tuple of M tensors equal to ``h`` (views: do not modify them in
+    place); ``point((a, b))`` returns M tuples ``(a_m, b_m)``. In backward the M gradients
+    (zeros for a copy a task did not read; for several inputs, each task's gradient in
+    pieces, one per input) are combined by ``balancer.combine`` and returned upstream, so the
+    one ordinary backward continues with the balanced gradient. Inputs that do not require
+    grad (or grad mode off) are passed through unchanged. All inputs share batch dim 0.
+    """
 
     def forward(self, shared: Shared) -> Tuple:
         single = isinstance(shared, torch.Tensor)

@@ -174,6 +174,11 @@ def test_loss_weights_of_algorithm_1_and_aggregation_of_eq_8():
     assert bal.aggregate(a, b).item() == pytest.approx(0.75 * 2 + 0.25 * 4, rel=1e-7)
 
 
+def test_drgrad_point_needs_the_drgrad_balancer():
+    with pytest.raises(ValueError, match="DRGradPoint needs 'DRGrad' as its balancer, got MultiBalance"):
+        DRGradPoint(make_balancer("multibalance", 2))
+
+
 def test_routing_happens_inside_the_backward_pass():
     """Linear towers w·x give the gradients w at every row: Table 1 row 1 through autograd, with
     the primary's loss weighted by α = 2 (so g1' = 2·[1.5, 2] = [3, 4] and g1'' = 2·[0, 5] = [0, 10])."""

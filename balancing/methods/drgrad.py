@@ -20,13 +20,12 @@ import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 
 from ..base import Balancer, TaskInfo, gram_is_finite, plain_sum, weighted_sum
 from ..gram import GramRows
 from ..options import check_float, check_per_task
+from ..point import PointBase
 from ..registry import register
-from ..telemetry import BackwardTiming
 from ..small_linalg import quad
 
 
@@ -261,26 +260,12 @@ class _RouteFunction(torch.autograd.Function):
         return None, out_v1, out_vs
 
 
-class DRGradPoint(nn.Module):
+class DRGradPoint(PointBase):
     """DRGrad's balance point: ``point(v1, vs)`` returns ``(v1', (vs_0, ..., vs_{M-1}))`` — v1'
     for the primary's T1', vs_p for its T1'' (p = primary), vs_k for task k's tower; in
     backward the router replaces their gradients. Without grad it passes the inputs through."""
 
-    def __init__(self, balancer: DRGrad) -> None:
-        super().__init__()
-        if not isinstance(balancer, DRGrad):
-            raise ValueError(f"DRGradPoint needs the 'drgrad' balancer, got {type(balancer).__name__}")
-        self.balancer = balancer
-        self.timing = BackwardTiming()
-
-    @property
-    def last_balance_seconds(self) -> float:
-        """Time of the last backward through the router (as `BalancePoint.last_balance_seconds`)."""
-        return self.timing.seconds
-
-    @property
-    def num_tasks(self) -> int:
-        return self.balancer.num_tasks
+    balancer_type = DRGrad
 
     def forward(self, v1: torch.Tensor, vs: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         if v1.shape != vs.shape:
