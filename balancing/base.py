@@ -179,6 +179,11 @@ class Balancer(nn.Module):
             "cosines": self._cosines.clone(),
         }
 
+    def run_advice(self, total_steps: int) -> Optional[str]:
+        """What a user should know about this method in a run of `total_steps` steps (printed
+        once at the start), or None. Methods whose behaviour depends on the run's length say so."""
+        return None
+
     def extra_repr(self) -> str:
         return f"method={self.method_name!r}, num_tasks={self.num_tasks}"
 

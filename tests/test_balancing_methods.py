@@ -139,6 +139,17 @@ def test_multibalance_defaults_and_uniform_start():
     assert bal.gamma_schedule == "constant"
 
 
+def test_multibalance_advises_on_runs_short_against_its_moving_average():
+    bal = make_balancer("multibalance", 3)  # gamma 0.01: u remembers ~100 steps
+    advice = bal.run_advice(152)
+    assert advice.startswith("multibalance: this run has 152 steps, 1.5x the ~100 steps")
+    assert "under 5/gamma = 500 steps" in advice
+    assert bal.run_advice(500) is None and bal.run_advice(10_000) is None
+    assert make_balancer("multibalance", 3, ema=False).run_advice(152) is None  # no rescaling, nothing to say
+    assert make_balancer("multibalance", 3, gamma=0.1).run_advice(152) is None  # 15 memories
+    assert make_balancer("equal", 3).run_advice(1) is None
+
+
 def test_multibalance_debiased_norms_are_the_running_mean_early_on():
     """With the debiased schedule u is the norms' mean while k << 1/gamma (gamma = 0: exactly),
     not the first step's norm kept for ~1/gamma steps (the "constant" schedule)."""

@@ -33,6 +33,9 @@ from ..simplex import project_simplex_values
 Numbers = Union[List[float], torch.Tensor]
 OUTPUTS = ("sum", "average")
 GAMMA_SCHEDULES = ("debiased", "constant")
+#: runs shorter than this many EMA memories (1/gamma steps) get `run_advice`: measured level
+#: with equal weights at 7.6 memories and -0.18% average NE at 1.5 on held-out data
+EMA_SHORT_RUN = 5.0
 
 
 def _simplex_point(name: str, value: Optional[Sequence[float]], num_tasks: int) -> List[float]:
@@ -110,6 +113,18 @@ class MultiBalance(GramBalancer):
         #: M·Σλv ("sum": uniform λ without rescaling is the plain sum) or Σλv ("average", the paper's)
         self._out_scale = float(num_tasks) if self.output == "sum" else 1.0
         self._state = _State(self.prior)
+
+    def run_advice(self, total_steps: int) -> Optional[str]:
+        """A run shorter than EMA_SHORT_RUN memories of u: the rescaling reweights tasks by how
+        their gradient norms change (docs/methods.md, MultiBalance: measured on held-out data)."""
+        if not self.ema or self.gamma <= 0 or total_steps * self.gamma >= EMA_SHORT_RUN:
+            return None
+        memory = 1.0 / self.gamma
+        return (f"multibalance: this run has {total_steps} steps, {total_steps / memory:.1f}x the ~{memory:.0f} "
+                f"steps the moving average of gradient norms remembers (1/gamma, gamma = {self.gamma:g}); in runs "
+                f"under {EMA_SHORT_RUN:g}/gamma = {EMA_SHORT_RUN * memory:.0f} steps its rescaling also reweights "
+                f"the tasks by how their gradient norms change (measured on held-out data: -0.18% average NE at "
+                f"1.5/gamma steps, level with equal weights at 7.6/gamma); docs/methods.md, MultiBalance")
 
     @property
     def lambdas(self) -> torch.Tensor:

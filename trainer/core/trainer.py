@@ -92,6 +92,9 @@ class Trainer:
         self.stream = TrainStream(self.train_reader)
         per_epoch = self.train_reader.batches_per_epoch
         self.total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+        advice = self.balancer.run_advice(self.total_steps)
+        if advice and env.is_main:
+            print(f"recbalance: note: {advice}", flush=True)
         self.step = 0
         self.examples_seen = 0
         self.nonfinite_total = 0
