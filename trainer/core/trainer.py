@@ -92,9 +92,6 @@ class Trainer:
         self.stream = TrainStream(self.train_reader)
         per_epoch = self.train_reader.batches_per_epoch
         self.total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
-        advice = self.balancer.run_advice(self.total_steps)
-        if advice and env.is_main:
-            print(f"recbalance: note: {advice}", flush=True)
         self.step = 0
         self.examples_seen = 0
         self.nonfinite_total = 0
@@ -426,6 +423,9 @@ class Trainer:
         and config.json (strict JSON). A run resumed at its last step without a summary
         (stopped while evaluating) only evaluates."""
         summary = None
+        advice = self.balancer.run_advice(self.total_steps)
+        if advice and self.env.is_main and self.step < self.total_steps:
+            print(f"recbalance: note: {advice}", flush=True)
         try:
             self.fit()
             if self.step != self.resumed_from:
