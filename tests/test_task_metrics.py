@@ -13,9 +13,12 @@ def test_calibration_ne_and_loss_by_hand():
     tasks = ["click", "conversion"]
     logits = torch.tensor([[0.0, -2.0], [1.0, -1.0], [-1.0, 0.5], [2.0, -3.0]])
     labels = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
-    metrics = TaskMetrics(tasks, rank=0, world_size=1, local_batch_size=4, ne_window_examples=100)
-    metrics.update(logits.T, labels.T, torch.ones(4))  # task-major, as the trainer passes them
+    metrics = TaskMetrics(tasks, rank=0, world_size=1, local_batch_size=4, ne_window_examples=100, calibration=True)
+    training = TaskMetrics(tasks, rank=0, world_size=1, local_batch_size=4, ne_window_examples=100)
+    for m in (metrics, training):
+        m.update(logits.T, labels.T, torch.ones(4))  # task-major, as the trainer passes them
     out = metrics.compute()
+    assert "calibration" not in training.compute()["click"]  # training progress does not compute it
     p = torch.sigmoid(logits.double())
     for m, task in enumerate(tasks):
         y = labels[:, m].double()

@@ -33,8 +33,8 @@ from ..simplex import project_simplex_values
 Numbers = Union[List[float], torch.Tensor]
 OUTPUTS = ("sum", "average")
 GAMMA_SCHEDULES = ("debiased", "constant")
-#: runs shorter than this many EMA memories (1/gamma steps) get `run_advice`: on held-out data
-#: the average NE loss against equal weights was -0.18% at 1.5 memories and -0.05% at 7.6
+#: runs shorter than this many EMA memories (1/gamma steps) get `run_advice` (the held-out
+#: measurements behind it: docs/methods.md, MultiBalance, "Run length")
 EMA_SHORT_RUN = 5.0
 
 
@@ -123,8 +123,8 @@ class MultiBalance(GramBalancer):
         return (f"multibalance: this run has {total_steps} steps, {total_steps / memory:.1f}x the ~{memory:.0f} "
                 f"steps the moving average of gradient norms remembers (1/gamma, gamma = {self.gamma:g}); in runs "
                 f"under {EMA_SHORT_RUN:g}/gamma = {EMA_SHORT_RUN * memory:.0f} steps its rescaling also reweights "
-                f"the tasks by how their gradient norms change (measured on held-out data: -0.18% average NE "
-                f"against equal weights at 1.5/gamma steps, -0.05% at 7.6/gamma); docs/methods.md, MultiBalance")
+                f"the tasks by how their gradient norms change, which on held-out data cost NE against equal "
+                f"weights (measured: docs/methods.md, MultiBalance, \"Run length\")")
 
     @property
     def lambdas(self) -> torch.Tensor:

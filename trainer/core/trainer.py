@@ -97,8 +97,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.stop_requested = False  # set by the SIGTERM handler
-        self.saved_step: int | None = None  # the step of the checkpoint this run wrote last
-        self.saved_path: Path | None = None
+        self.last_saved: tuple[int, Path] | None = None  # (step, path) of the checkpoint this run wrote last
         self.train_seconds = 0.0
         self.train_metrics = TaskMetrics(
             self.tasks, env.rank, env.world_size, self.local_batch,
@@ -199,10 +198,10 @@ class Trainer:
         """Collective. A step already saved is not written again: SIGTERM or the end of the
         run right after a periodic save would otherwise replace a good checkpoint with the
         same state, leaving a window in which none exists."""
-        if self.saved_step == self.step and self.saved_path is not None:
-            return self.saved_path
+        if self.last_saved is not None and self.last_saved[0] == self.step:
+            return self.last_saved[1]
         path = self.checkpoints.save(self.step, self.state_dict())
-        self.saved_step, self.saved_path = self.step, path
+        self.last_saved = (self.step, path)
         if self.env.is_main:  # the history so far, so that a resumed run can continue it
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.output_dir / "history.json", self.history.points, indent=1)
@@ -351,7 +350,7 @@ class Trainer:
         rows = reader.batches_per_epoch * self.cfg.data.eval_batch_size
         metrics = TaskMetrics(
             self.tasks, self.env.rank, self.env.world_size, self.eval_local_batch,
-            ne_window_examples=rows, auc_window_examples=rows,
+            ne_window_examples=rows, auc_window_examples=rows, calibration=True,
         )
         gauc = UserGAUC(self.tasks, self.env.rank, self.env.world_size) if self.schema.user_id else None
         self.model.eval()

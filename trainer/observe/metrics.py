@@ -26,13 +26,15 @@ def _by_task(values: torch.Tensor, tasks: list[str]) -> dict[str, torch.Tensor]:
 
 
 class TaskMetrics:
-    """NE over the lifetime and a recent window, log loss, calibration and (optionally) AUC per task.
+    """NE over the lifetime and a recent window and log loss per task; for evaluations also AUC
+    (`auc_window_examples`) and calibration (`calibration`), which training progress does not
+    report and so does not pay for in every step.
 
     `update` only touches local state; `compute` is a collective: call it on every rank."""
 
     def __init__(
         self, tasks: list[str], rank: int, world_size: int, local_batch_size: int,
-        ne_window_examples: int, auc_window_examples: int | None = None,
+        ne_window_examples: int, auc_window_examples: int | None = None, calibration: bool = False,
     ) -> None:
         self.tasks = tasks
         infos = _task_infos(tasks)
@@ -40,7 +42,7 @@ class TaskMetrics:
             world_size=world_size, my_rank=rank, batch_size=local_batch_size, tasks=infos, compute_on_all_ranks=True
         )
         self.ne = NEMetric(window_size=ne_window_examples, include_logloss=True, **common)
-        self.calibration = CalibrationMetric(window_size=ne_window_examples, **common)
+        self.calibration = CalibrationMetric(window_size=ne_window_examples, **common) if calibration else None
         self.auc = AUCMetric(window_size=auc_window_examples, **common) if auc_window_examples else None
 
     @torch.no_grad()
@@ -49,15 +51,15 @@ class TaskMetrics:
         label_map = _by_task(labels, self.tasks)
         weight_map = {t: weights for t in self.tasks}
         self.ne.update(predictions=predictions, labels=label_map, weights=weight_map)
-        self.calibration.update(predictions=predictions, labels=label_map, weights=weight_map)
-        if self.auc is not None:
-            self.auc.update(predictions=predictions, labels=label_map, weights=weight_map)
+        for metric in (self.calibration, self.auc):
+            if metric is not None:
+                metric.update(predictions=predictions, labels=label_map, weights=weight_map)
 
     def compute(self) -> dict[str, dict[str, float]]:
         raw = {k: float(v.reshape(-1)[0]) for k, v in self.ne.compute().items()}
-        raw.update({k: float(v.reshape(-1)[0]) for k, v in self.calibration.compute().items()})
-        if self.auc is not None:
-            raw.update({k: float(v.reshape(-1)[0]) for k, v in self.auc.compute().items()})
+        for metric in (self.calibration, self.auc):
+            if metric is not None:
+                raw.update({k: float(v.reshape(-1)[0]) for k, v in metric.compute().items()})
         out: dict[str, dict[str, float]] = {}
         for t in self.tasks:
             out[t] = {
@@ -65,8 +67,9 @@ class TaskMetrics:
                 "ne_window": raw[f"ne-{t}|window_ne"],
                 # TorchRec reports log loss in bits; the training loss is in nats.
                 "loss": raw[f"ne-{t}|lifetime_logloss"] * math.log(2),
-                "calibration": raw[f"calibration-{t}|lifetime_calibration"],
             }
+            if self.calibration is not None:
+                out[t]["calibration"] = raw[f"calibration-{t}|lifetime_calibration"]
             if self.auc is not None:
                 out[t]["auc"] = raw[f"auc-{t}|window_auc"]
         return out

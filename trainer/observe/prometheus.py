@@ -323,6 +323,14 @@ class PrometheusSink(NullSink):
         weight = Gauge(f"{p}_task_weight", "Balancer's final weight per task.", ["task"], registry=r)
         calibration = Gauge(f"{p}_task_calibration", "Sum of predictions / sum of labels per task on an evaluation "
                             "split; 1 is calibrated.", ["task", "split"], registry=r)
+
+        def set_evaluation(split: str, tasks: dict[str, dict[str, float]]) -> None:
+            for task, values in tasks.items():
+                ne.labels(task, split, "lifetime").set(values["ne"])
+                auc.labels(task, split).set(values["auc"])
+                if "calibration" in values:
+                    calibration.labels(task, split).set(values["calibration"])
+
         nonfinite = Counter(f"{p}_nonfinite_steps", "Steps with a non-finite loss or gradient.", registry=r)
         nonfinite.inc(self.counts["nonfinite"])
         if self.checkpoint_step is not None:
@@ -334,12 +342,7 @@ class PrometheusSink(NullSink):
             steps.inc(summary.get("steps", 0))
             Gauge(f"{p}_train_seconds", "Wall time of the training loop.", registry=r).set(
                 summary.get("train_seconds", math.nan))
-            split = summary.get("eval_split", "test")
-            for task, values in (summary.get("tasks") or {}).items():
-                ne.labels(task, split, "lifetime").set(values["ne"])
-                auc.labels(task, split).set(values["auc"])
-                if "calibration" in values:
-                    calibration.labels(task, split).set(values["calibration"])
+            set_evaluation(summary.get("eval_split", "test"), summary.get("tasks") or {})
             for task, w in (summary.get("weights") or {}).items():
                 weight.labels(task).set(w)
         else:
@@ -353,11 +356,7 @@ class PrometheusSink(NullSink):
         for split, evaluation in self.evaluations.items():
             if summary is not None and split == summary.get("eval_split"):
                 continue
-            for task, values in evaluation.tasks.items():
-                ne.labels(task, split, "lifetime").set(values["ne"])
-                auc.labels(task, split).set(values["auc"])
-                if "calibration" in values:
-                    calibration.labels(task, split).set(values["calibration"])
+            set_evaluation(split, evaluation.tasks)
         if progress is not None:
             for task, values in progress.tasks.items():
                 ne.labels(task, "train", "recent").set(values.ne_window)
