@@ -33,9 +33,6 @@ from ..simplex import project_simplex_values
 Numbers = Union[List[float], torch.Tensor]
 OUTPUTS = ("sum", "average")
 GAMMA_SCHEDULES = ("debiased", "constant")
-#: runs shorter than this many EMA memories (1/gamma steps) get `run_advice` (the held-out
-#: measurements behind it: docs/methods.md, MultiBalance, "Run length")
-EMA_SHORT_RUN = 5.0
 
 
 def _simplex_point(name: str, value: Optional[Sequence[float]], num_tasks: int) -> List[float]:
@@ -115,16 +112,19 @@ class MultiBalance(GramBalancer):
         self._state = _State(self.prior)
 
     def run_advice(self, total_steps: int) -> Optional[str]:
-        """A run shorter than EMA_SHORT_RUN memories of u: the rescaling reweights tasks by how
-        their gradient norms change (docs/methods.md, MultiBalance: measured on held-out data)."""
-        if not self.ema or self.gamma <= 0 or total_steps * self.gamma >= EMA_SHORT_RUN:
+        """Whenever u rescales the gradients (ema on, gamma < 1): u lags norms that change, so the
+        rescaling reweights tasks; on held-out data that cost NE at every run length measured,
+        so no length is exempt (docs/methods.md, MultiBalance, "Run length")."""
+        if not self.ema or self.gamma >= 1.0:
             return None
-        memory = 1.0 / self.gamma
-        return (f"multibalance: this run has {total_steps} steps, {total_steps / memory:.1f}x the ~{memory:.0f} "
-                f"steps the moving average of gradient norms remembers (1/gamma, gamma = {self.gamma:g}); in runs "
-                f"under {EMA_SHORT_RUN:g}/gamma = {EMA_SHORT_RUN * memory:.0f} steps its rescaling also reweights "
-                f"the tasks by how their gradient norms change, which on held-out data cost NE against equal "
-                f"weights (measured: docs/methods.md, MultiBalance, \"Run length\")")
+        memory = (f"{total_steps * self.gamma:.1f}x the ~{1.0 / self.gamma:.0f} steps its moving average of "
+                  f"gradient norms remembers (1/gamma)" if self.gamma > 0 else
+                  "and its moving average of gradient norms never forgets (gamma = 0)")
+        return (f"multibalance: this run has {total_steps} steps, {memory}; while the tasks' gradient norms "
+                f"change, that average lags them and reweights the tasks (the weights w in the progress lines "
+                f"include it), which cost NE against equal weights on held-out data in short and long runs "
+                f"alike; balance.options.ema = false turns it off (measured: docs/methods.md, MultiBalance, "
+                f"\"Run length\")")
 
     @property
     def lambdas(self) -> torch.Tensor:
